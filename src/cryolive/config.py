@@ -1,0 +1,112 @@
+"""Typed settings shared by the CLI, the session and the algorithms.
+
+Units are in the field names: Å for lengths and defocus, kV, mm for Cs, e/Å² for dose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Optics(BaseModel):
+    """Microscope optics of one optics group."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pixel_size_angstrom: float = Field(1.0, gt=0, description="pixel size of the movie frames, Å")
+    voltage_kv: float = Field(300.0, gt=0, description="acceleration voltage, kV")
+    cs_mm: float = Field(2.7, ge=0, description="spherical aberration, mm")
+    amplitude_contrast: float = Field(0.1, ge=0, lt=1, description="fraction of amplitude contrast")
+
+
+class MotionSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    bfactor_angstrom2: float = 150.0
+    max_iterations: int = 10
+    dose_weighting: bool = True
+    write_no_dw: bool = False
+
+
+class CTFSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    min_resolution_angstrom: float = 30.0
+    max_resolution_angstrom: float = 4.0
+    min_defocus_angstrom: float = 2000.0
+    max_defocus_angstrom: float = 50000.0
+    tile_size_px: int = 512
+
+
+class PickingSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    particle_diameter_angstrom: float = 150.0
+    threshold: float | None = None
+    max_picks_per_micrograph: int = 2000
+
+
+class ExtractionSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    box_size_px: int | None = None  # None: about 1.5 × particle diameter, rounded to an even good FFT size
+    output_box_size_px: int | None = None  # None: Fourier-crop to about 2.5 Å/px, min 64
+    invert_contrast: bool = True
+
+
+class Class2DSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    n_classes: int = 20
+    batch_size: int = 1000
+    min_particles_to_start: int = 500
+    n_psi: int = 24
+    max_shift_px: int = 4
+
+
+class Settings(BaseModel):
+    """Everything a session needs to know to process movies."""
+
+    model_config = ConfigDict(frozen=True)
+
+    optics: Optics = Optics()
+    dose_per_frame: float = Field(1.0, gt=0, description="e/Å² per movie frame")
+    gain_path: str | None = None
+    gain_flip_y: bool = False
+    motion: MotionSettings = MotionSettings()
+    ctf: CTFSettings = CTFSettings()
+    picking: PickingSettings = PickingSettings()
+    extraction: ExtractionSettings = ExtractionSettings()
+    class2d: Class2DSettings = Class2DSettings()
+    symmetry: str = "C1"
+    device: str = "cpu"
+    n_workers: int = 2
+    movie_pattern: str = "*.tif,*.tiff,*.mrc,*.mrcs,*.eer"
+
+
+def settings_hash(*parts: BaseModel | dict | str | float | int | None) -> str:
+    """A short stable hash of the settings that decide a stage's result."""
+    blob = json.dumps(
+        [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts],
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolve_device(device: str = "cpu"):
+    """Resolve a device string once ("cpu", "cuda", "cuda:1", "auto") into a torch.device."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    return dev
+
+
+DeviceName = Literal["cpu", "cuda", "auto"]
