@@ -68,6 +68,16 @@ class Class2DSettings(BaseModel):
     max_shift_px: int = 4
 
 
+class AcceptanceSettings(BaseModel):
+    """A minimal rule deciding whether an exposure's particles go on to 2D (and into particles.star)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_ctf_resolution_angstrom: float = Field(
+        10.0, gt=0, description="reject an exposure whose CTF fit is only good to a resolution worse than this, Å"
+    )
+
+
 class Settings(BaseModel):
     """Everything a session needs to know to process movies."""
 
@@ -82,6 +92,7 @@ class Settings(BaseModel):
     picking: PickingSettings = PickingSettings()
     extraction: ExtractionSettings = ExtractionSettings()
     class2d: Class2DSettings = Class2DSettings()
+    acceptance: AcceptanceSettings = AcceptanceSettings()
     symmetry: str = "C1"
     device: str = "cpu"
     n_workers: int = 2

@@ -1,0 +1,327 @@
+"""Open cryo-EM movies lazily (MRC/MRCS, TIFF incl. LZW; EER later), check them, and read gain references.
+
+A movie is a stack of frames ``(t, h, w)``, row 0 first, as mrcfile and tifffile return them.
+Every problem with a file is raised as :class:`MovieError` with a reason a person can act on; its
+``transient`` flag says whether the file may still be being written (retry later) or is bad for good.
+
+Examples::
+
+    movie = open_movie("movies/mic_0001.tif")
+    movie.shape                      # (t, h, w)
+    first = movie.read_frames(0, 4)  # float32 (4, h, w)
+    validate_movie("movies/mic_0001.tif", expected_frame_shape=(4096, 4096))
+    gain = read_gain("gain.mrc", flip_y=False, rotate=0, movie_shape=movie.shape[1:])
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+MRC_SUFFIXES = (".mrc", ".mrcs")
+TIFF_SUFFIXES = (".tif", ".tiff")
+EER_SUFFIXES = (".eer",)
+
+
+class MovieError(Exception):
+    """A movie (or gain reference) cannot be used; the message says why.
+
+    ``transient=True`` means the file may still be growing (retry later); ``False`` means it is bad for good.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+class MovieFormatNotSupported(MovieError, NotImplementedError):
+    """The movie format is recognised but not supported yet (EER)."""
+
+
+def _fmt_shape(shape) -> str:
+    return "×".join(str(int(s)) for s in shape)
+
+
+def _movie_kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(MRC_SUFFIXES):
+        return "mrc"
+    if name.endswith(TIFF_SUFFIXES):
+        return "tiff"
+    if name.endswith(EER_SUFFIXES):
+        return "eer"
+    raise MovieError(f"{path.name}: unknown movie format (expected .mrc, .mrcs, .tif, .tiff or .eer)")
+
+
+# ----------------------------------------------------------------------------------------------- MRC
+def _mrc_header(path: Path):
+    """Header of an MRC file as (nx, ny, nz, dtype, extended header bytes); raise MovieError if unreadable."""
+    import warnings
+
+    import mrcfile
+    from mrcfile.utils import data_dtype_from_header
+
+    size = path.stat().st_size
+    if size < 1024:
+        raise MovieError(f"{path.name}: truncated: file has {size} bytes, less than an MRC header (1024 bytes)",
+                         transient=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as m:
+                h = m.header
+                nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+                ext = int(h.nsymbt)
+                mode = int(h.mode)
+                try:
+                    dtype = data_dtype_from_header(h)
+                except ValueError as exc:
+                    raise MovieError(f"{path.name}: unsupported MRC mode {mode}: {exc}") from exc
+    except MovieError:
+        raise
+    except Exception as exc:  # mrcfile raises a variety of errors on garbage headers
+        raise MovieError(f"{path.name}: unreadable MRC header: {exc}") from exc
+    if nx <= 0 or ny <= 0 or nz <= 0:
+        raise MovieError(f"{path.name}: corrupt MRC header: dimensions {nx}×{ny}×{nz}")
+    return nx, ny, nz, np.dtype(dtype), ext, mode
+
+
+def _validate_mrc(path: Path):
+    nx, ny, nz, dtype, ext, mode = _mrc_header(path)
+    data_bytes = nx * ny * nz * dtype.itemsize
+    expected = 1024 + ext + data_bytes
+    size = path.stat().st_size
+    if size < expected:
+        raise MovieError(
+            f"{path.name}: truncated: header says {nz} frames of {nx}×{ny} {dtype.name} = {data_bytes} bytes "
+            f"(+1024 header +{ext} extended header = {expected} bytes), file has {size} bytes",
+            transient=True,
+        )
+    if size > expected:
+        raise MovieError(
+            f"{path.name}: header says {nz} frames of {nx}×{ny} {dtype.name} = {expected} bytes in all, "
+            f"but the file has {size} bytes (extra data after the frames)"
+        )
+    return (nz, ny, nx), dtype
+
+
+# ---------------------------------------------------------------------------------------------- TIFF
+def _tiff_pages(path: Path):
+    """Open a TIFF and list its pages' shapes; raise MovieError if the page chain is unreadable."""
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as exc:
+        raise MovieError(f"{path.name}: unreadable TIFF: {exc}", transient=True) from exc
+    try:
+        pages = list(tif.pages)
+    except Exception as exc:
+        tif.close()
+        raise MovieError(f"{path.name}: corrupt TIFF page list: {exc}", transient=True) from exc
+    if not pages:
+        tif.close()
+        raise MovieError(f"{path.name}: TIFF has no pages", transient=True)
+    return tif, pages
+
+
+def _validate_tiff(path: Path, decode: bool = True):
+    size = path.stat().st_size
+    tif, pages = _tiff_pages(path)
+    try:
+        first = pages[0]
+        shape0 = tuple(first.shape)
+        if len(shape0) != 2:
+            raise MovieError(f"{path.name}: TIFF page 1 has shape {shape0}; expected one 2D frame per page")
+        for i, page in enumerate(pages):
+            if tuple(page.shape) != shape0:
+                raise MovieError(
+                    f"{path.name}: TIFF page {i + 1} has frame size {_fmt_shape(page.shape)}, "
+                    f"page 1 has {_fmt_shape(shape0)}"
+                )
+            ends = [int(o) + int(c) for o, c in zip(page.dataoffsets, page.databytecounts)]
+            if ends and max(ends) > size:
+                raise MovieError(
+                    f"{path.name}: truncated: TIFF page {i + 1} data ends at byte {max(ends)}, file has {size} bytes",
+                    transient=True,
+                )
+            if decode:
+                try:
+                    arr = page.asarray()
+                except Exception as exc:
+                    raise MovieError(f"{path.name}: corrupt TIFF page {i + 1}: {exc}") from exc
+                if tuple(arr.shape) != shape0:
+                    raise MovieError(f"{path.name}: corrupt TIFF page {i + 1}: decoded shape {arr.shape}")
+        return (len(pages), *shape0), np.dtype(first.dtype)
+    finally:
+        tif.close()
+
+
+# ---------------------------------------------------------------------------------------------- Movie
+class Movie:
+    """A movie opened lazily: frames are read from disk only when asked for.
+
+    Attributes: ``path``, ``shape`` ``(t, h, w)``, ``dtype`` (as stored), ``format`` ("mrc" or "tiff").
+    """
+
+    def __init__(self, path: Path, fmt: str, shape: tuple[int, int, int], dtype: np.dtype):
+        self.path = path
+        self.format = fmt
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+
+    @property
+    def n_frames(self) -> int:
+        return self.shape[0]
+
+    def read_frames(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Frames ``start..stop-1`` as a new float32 array ``(stop - start, h, w)``."""
+        t = self.shape[0]
+        stop = t if stop is None else min(int(stop), t)
+        start = max(0, int(start))
+        if stop <= start:
+            return np.zeros((0, *self.shape[1:]), dtype=np.float32)
+        if self.format == "mrc":
+            import warnings
+
+            import mrcfile
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with mrcfile.mmap(self.path, mode="r", permissive=True) as m:
+                    data = m.data
+                    if data is None:
+                        raise MovieError(f"{self.path.name}: MRC data could not be mapped (truncated?)")
+                    if data.ndim == 2:
+                        data = data[None]
+                    return np.array(data[start:stop], dtype=np.float32)
+        import tifffile
+
+        out = np.empty((stop - start, *self.shape[1:]), dtype=np.float32)
+        with tifffile.TiffFile(self.path) as tif:
+            for j, i in enumerate(range(start, stop)):
+                try:
+                    out[j] = tif.pages[i].asarray()
+                except Exception as exc:
+                    raise MovieError(f"{self.path.name}: corrupt TIFF page {i + 1}: {exc}") from exc
+        return out
+
+    def read_all(self) -> np.ndarray:
+        """All frames as float32 ``(t, h, w)``."""
+        return self.read_frames(0, self.shape[0])
+
+    def __repr__(self) -> str:
+        return f"Movie({self.path.name!r}, format={self.format}, shape={self.shape}, dtype={self.dtype})"
+
+
+def open_movie(path: str | os.PathLike) -> Movie:
+    """Open a movie lazily from its header (no frame data read). EER raises :class:`MovieFormatNotSupported`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MovieError(f"{path}: no such file", transient=True)
+    kind = _movie_kind(path)
+    if kind == "eer":
+        raise MovieFormatNotSupported(f"{path.name}: EER movies are not supported yet")
+    if kind == "mrc":
+        nx, ny, nz, dtype, _, _ = _mrc_header(path)
+        return Movie(path, "mrc", (nz, ny, nx), dtype)
+    tif, pages = _tiff_pages(path)
+    try:
+        shape = (len(pages), *tuple(pages[0].shape))
+        dtype = np.dtype(pages[0].dtype)
+    finally:
+        tif.close()
+    if len(shape) != 3:
+        raise MovieError(f"{path.name}: TIFF pages are not 2D frames (page shape {shape[1:]})")
+    return Movie(path, "tiff", shape, dtype)
+
+
+def validate_movie(path: str | os.PathLike, expected_frame_shape: tuple[int, int] | None = None,
+                   decode: bool = True) -> Movie:
+    """Check that a movie is complete and consistent, and return it opened.
+
+    MRC: the header's dimensions × data type size + extended header + 1024 must equal the file size.
+    TIFF: every page must have the same 2D shape, its data must lie inside the file and (``decode=True``)
+    decode without error. ``expected_frame_shape`` ``(h, w)``: the session's frame size, if known.
+
+    Raises :class:`MovieError` with the reason (``transient=True`` when the file looks incomplete).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MovieError(f"{path}: no such file", transient=True)
+    kind = _movie_kind(path)
+    if kind == "eer":
+        raise MovieFormatNotSupported(f"{path.name}: EER movies are not supported yet")
+    if kind == "mrc":
+        shape, dtype = _validate_mrc(path)
+    else:
+        shape, dtype = _validate_tiff(path, decode=decode)
+    if expected_frame_shape is not None and tuple(shape[1:]) != tuple(expected_frame_shape):
+        raise MovieError(
+            f"{path.name}: frame size {_fmt_shape(shape[1:])} differs from the session's "
+            f"{_fmt_shape(expected_frame_shape)}"
+        )
+    return Movie(path, kind, shape, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- gain
+def read_gain(path: str | os.PathLike, flip_y: bool = False, rotate: int = 0,
+              movie_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a multiplicative gain reference (``corrected = raw × gain``) from MRC or TIFF → float32 ``(h, w)``.
+
+    ``rotate``: counter-clockwise rotation in degrees (multiple of 90), applied first; ``flip_y``: then flip
+    the rows (RELION flips TIFF movies in Y on reading; make that explicit here). ``movie_shape`` ``(h, w)``:
+    if given, the gain must have that shape. Raises :class:`MovieError` if unreadable, if any value is zero,
+    negative or not finite, or if the shape does not match.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MovieError(f"gain reference {path}: no such file")
+    name = path.name.lower()
+    try:
+        if name.endswith(MRC_SUFFIXES):
+            import warnings
+
+            import mrcfile
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with mrcfile.open(path, mode="r", permissive=True) as m:
+                    if m.data is None:
+                        raise MovieError(f"gain reference {path.name}: MRC has no readable data (truncated?)")
+                    gain = np.array(m.data, dtype=np.float32)
+        elif name.endswith(TIFF_SUFFIXES):
+            import tifffile
+
+            gain = np.asarray(tifffile.imread(path, key=0), dtype=np.float32)
+        else:
+            raise MovieError(f"gain reference {path.name}: unknown format (expected .mrc or .tif)")
+    except MovieError:
+        raise
+    except Exception as exc:
+        raise MovieError(f"gain reference {path.name}: unreadable: {exc}") from exc
+    if gain.ndim == 3 and gain.shape[0] == 1:
+        gain = gain[0]
+    if gain.ndim != 2:
+        raise MovieError(f"gain reference {path.name}: expected one 2D image, got shape {gain.shape}")
+    if rotate % 90 != 0:
+        raise MovieError(f"gain rotation must be a multiple of 90 degrees, got {rotate}")
+    k = (int(rotate) // 90) % 4
+    if k:
+        gain = np.rot90(gain, k)
+    if flip_y:
+        gain = gain[::-1]
+    gain = np.ascontiguousarray(gain, dtype=np.float32)
+    bad = ~np.isfinite(gain)
+    if bad.any():
+        raise MovieError(f"gain reference {path.name}: {int(bad.sum())} values are NaN or infinite")
+    nonpos = gain <= 0
+    if nonpos.any():
+        raise MovieError(f"gain reference {path.name}: {int(nonpos.sum())} values are zero or negative "
+                         "(a multiplicative gain must be positive everywhere)")
+    if movie_shape is not None and tuple(gain.shape) != tuple(movie_shape):
+        raise MovieError(f"gain reference {path.name}: shape {_fmt_shape(gain.shape)} differs from the movie "
+                         f"frames {_fmt_shape(movie_shape)}")
+    return gain
