@@ -1,0 +1,370 @@
+"""The per-exposure chain, run in worker processes: movie → motion → CTF → picking → extraction.
+
+:func:`process_exposure` reads one movie (and the gain), corrects hot pixels, aligns the frames, estimates
+the CTF on the non-dose-weighted sum, picks particles, extracts them, and writes per CONTRACT.md::
+
+    OUT/motion/<movie>.star            data_general + data_global_shift (RELION layout)
+    OUT/micrographs/<movie>.mrc        dose-weighted sum (<movie>_noDW.mrc with settings.motion.write_no_dw)
+    OUT/particles/<movie>.mrcs         extracted particles (contrast inverted: particles white)
+    OUT/particles/<movie>.star         their rows for OUT/particles.star
+
+Each file is written atomically before the worker returns, and only the session process records the
+returned :class:`ExposureOutcome` in the store, so a crash leaves either nothing or a complete result.
+Workers never touch the database.
+
+The algorithms are imported lazily from ``cryolive.preprocess``; :class:`StageFunctions` lets a caller
+(tests) pass other functions with the same signatures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Settings, settings_hash
+from ..io.movies import MovieError, read_gain, validate_movie
+
+STAGES = ("motion", "ctf", "picking", "extraction")
+
+
+@dataclass(frozen=True)
+class StageFunctions:
+    """The algorithms the chain calls; ``None`` means cryolive's own (imported lazily in the worker).
+
+    Signatures are those of ``cryolive.preprocess`` (see docs/CONVENTIONS.md). Functions given here must be
+    picklable (module-level) to run in worker processes.
+    """
+
+    align_movie: Callable | None = None
+    estimate_ctf: Callable | None = None
+    pick_blobs: Callable | None = None
+    extract_particles: Callable | None = None
+    default_box_sizes: Callable | None = None
+    per_particle_defocus: Callable | None = None
+    detect_hot_pixels: Callable | None = None
+    correct_defects: Callable | None = None
+
+    def resolved(self) -> StageFunctions:
+        """Fill every ``None`` with cryolive's implementation."""
+        fns = {}
+        for f in dataclasses.fields(self):
+            fn = getattr(self, f.name)
+            if fn is None:
+                fn = _default_function(f.name)
+            fns[f.name] = fn
+        return StageFunctions(**fns)
+
+
+def _default_function(name: str) -> Callable:
+    if name in ("align_movie", "detect_hot_pixels", "correct_defects"):
+        from ..preprocess import motion
+
+        return getattr(motion, name)
+    if name == "estimate_ctf":
+        from ..preprocess.ctf_fit import estimate_ctf
+
+        return estimate_ctf
+    if name == "pick_blobs":
+        from ..preprocess.picking import pick_blobs
+
+        return pick_blobs
+    from ..preprocess import extraction
+
+    return getattr(extraction, name)
+
+
+@dataclass
+class StageOutcome:
+    """One stage's result: metrics (incl. ``seconds``) and output paths relative to OUT."""
+
+    stage: str
+    settings_hash: str
+    metrics: dict
+    outputs: dict
+
+
+@dataclass
+class ExposureOutcome:
+    """What a worker returns for one movie. ``ok=False``: ``error`` says why; ``transient``: retry later."""
+
+    path: str
+    name: str
+    ok: bool
+    error: str | None = None
+    transient: bool = False
+    stages: list[StageOutcome] = field(default_factory=list)
+    n_particles: int = 0
+    frame_shape: tuple[int, int] | None = None
+    seconds: float = 0.0
+
+
+def stage_hashes(settings: Settings) -> dict[str, str]:
+    """The settings hash of each stage; each includes the hash of the stage before it."""
+    h_motion = settings_hash(settings.optics, settings.dose_per_frame, settings.gain_path, settings.gain_flip_y,
+                             settings.motion)
+    h_ctf = settings_hash(h_motion, settings.ctf)
+    h_pick = settings_hash(h_ctf, settings.picking)
+    h_extract = settings_hash(h_pick, settings.extraction)
+    return {"motion": h_motion, "ctf": h_ctf, "picking": h_pick, "extraction": h_extract}
+
+
+def movie_stem(path: str | os.PathLike) -> str:
+    """``/data/mic_001.tif`` → ``mic_001`` (the name of all its outputs)."""
+    name = Path(path).name
+    for suffix in (".tiff", ".tif", ".mrcs", ".mrc", ".eer"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def output_paths(out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
+    """Where one movie's outputs go (absolute paths)."""
+    out = Path(out_dir)
+    return {
+        "motion_star": out / "motion" / f"{stem}.star",
+        "micrograph": out / "micrographs" / f"{stem}.mrc",
+        "micrograph_nodw": out / "micrographs" / f"{stem}_noDW.mrc",
+        "particles_mrcs": out / "particles" / f"{stem}.mrcs",
+        "particles_star": out / "particles" / f"{stem}.star",
+    }
+
+
+def _to_float(x) -> float:
+    if x is None:
+        return float("nan")
+    if hasattr(x, "item"):
+        return float(x.item())
+    return float(x)
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def process_exposure(path: str | os.PathLike, settings: Settings, out_dir: str | os.PathLike,
+                     stages: StageFunctions | None = None,
+                     expected_frame_shape: tuple[int, int] | None = None) -> ExposureOutcome:
+    """Run the per-exposure chain on one movie and write its outputs (see the module docstring).
+
+    Never raises for a problem with the movie: the outcome says ``ok=False`` with the reason, and whether it
+    is ``transient`` (the file may still be growing) or permanent.
+    """
+    t_start = time.perf_counter()
+    path = Path(path)
+    stem = movie_stem(path)
+    outcome = ExposureOutcome(path=str(path), name=stem, ok=False)
+    stage = "read"
+    try:
+        outcome.stages = _run_chain(path, stem, settings, Path(out_dir), stages or StageFunctions(),
+                                    expected_frame_shape, outcome)
+        outcome.ok = True
+    except MovieError as exc:
+        outcome.error = str(exc)
+        outcome.transient = exc.transient
+    except Exception as exc:  # an algorithm failed on this movie: permanent for these settings
+        stage = getattr(exc, "_cryolive_stage", stage)
+        outcome.error = f"{stage}: {type(exc).__name__}: {exc}"
+        outcome.transient = False
+        outcome.stages = []
+        tb = traceback.format_exc(limit=4)
+        outcome.error += "\n" + tb if os.environ.get("CRYOLIVE_DEBUG") else ""
+    outcome.seconds = time.perf_counter() - t_start
+    return outcome
+
+
+def _tag(stage: str):
+    """Context manager tagging any exception raised inside with the stage it came from."""
+
+    class _Tag:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc is not None and not isinstance(exc, MovieError):
+                try:
+                    exc._cryolive_stage = stage
+                except Exception:
+                    pass
+            return False
+
+    return _Tag()
+
+
+def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: StageFunctions,
+               expected_frame_shape, outcome: ExposureOutcome) -> list[StageOutcome]:
+    import torch
+
+    from ..config import resolve_device
+    from ..io.mrc import write_mrc
+    from ..io.star import write_star
+
+    fns = stages.resolved()
+    hashes = stage_hashes(settings)
+    paths = output_paths(out, stem)
+    device = resolve_device(settings.device)
+    optics = settings.optics
+    px = optics.pixel_size_angstrom
+    results: list[StageOutcome] = []
+
+    # ---------------------------------------------------------------- read, gain, hot pixels
+    t0 = time.perf_counter()
+    movie = validate_movie(path, expected_frame_shape=expected_frame_shape, decode=False)
+    outcome.frame_shape = tuple(movie.shape[1:])
+    gain = None
+    if settings.gain_path:
+        gain = read_gain(settings.gain_path, flip_y=settings.gain_flip_y, movie_shape=movie.shape[1:])
+    frames = movie.read_all()  # (t, h, w) float32
+    if gain is not None:
+        frames *= gain[None]
+    t_read = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- hot pixels, motion
+    with _tag("motion"):
+        t0 = time.perf_counter()
+        frames_t = torch.from_numpy(frames).to(device)  # (t, h, w)
+        del frames
+        hot = fns.detect_hot_pixels(frames_t.sum(0))  # (h, w) bool
+        n_hot = int(hot.sum())
+        if n_hot:
+            frames_t = fns.correct_defects(frames_t, hot)
+        motion = fns.align_movie(frames_t, px, settings.dose_per_frame, optics.voltage_kv, settings.motion)
+        del frames_t
+        shifts = _np(motion.shifts_yx_px).astype(np.float64)  # (t, 2) (y, x)
+        micrograph = motion.micrograph
+        micrograph_nodw = motion.micrograph_nodw if motion.micrograph_nodw is not None else motion.micrograph
+        t, h, w = movie.shape
+        import pandas as pd
+
+        general = {
+            "rlnImageSizeX": int(w), "rlnImageSizeY": int(h), "rlnImageSizeZ": int(t),
+            "rlnMicrographMovieName": str(path), "rlnMicrographGainName": settings.gain_path or "",
+            "rlnMicrographBinning": 1.0, "rlnMicrographOriginalPixelSize": float(px),
+            "rlnMicrographDoseRate": float(settings.dose_per_frame), "rlnMicrographPreExposure": 0.0,
+            "rlnVoltage": float(optics.voltage_kv), "rlnMicrographStartFrame": 1, "rlnMotionModelVersion": 0,
+        }
+        shift_df = pd.DataFrame({
+            "rlnMicrographFrameNumber": np.arange(1, t + 1),
+            "rlnMicrographShiftX": shifts[:, 1],
+            "rlnMicrographShiftY": shifts[:, 0],
+        })
+        write_star(paths["motion_star"], {"general": general, "global_shift": shift_df})
+        write_mrc(paths["micrograph"], micrograph, px)
+        outputs = {"motion_star": _rel(paths["motion_star"], out), "micrograph": _rel(paths["micrograph"], out)}
+        if settings.motion.write_no_dw:
+            write_mrc(paths["micrograph_nodw"], micrograph_nodw, px)
+            outputs["micrograph_nodw"] = _rel(paths["micrograph_nodw"], out)
+        metrics = {
+            "seconds": time.perf_counter() - t0, "read_seconds": t_read, "n_frames": int(t),
+            "frame_shape": [int(h), int(w)], "n_hot_pixels": n_hot,
+            "accum_motion_total": _to_float(getattr(motion, "accum_motion_total", None)),
+            "accum_motion_early": _to_float(getattr(motion, "accum_motion_early", None)),
+            "accum_motion_late": _to_float(getattr(motion, "accum_motion_late", None)),
+        }
+        results.append(StageOutcome("motion", hashes["motion"], metrics, outputs))
+
+    # ---------------------------------------------------------------- CTF
+    with _tag("ctf"):
+        t0 = time.perf_counter()
+        ctf = fns.estimate_ctf(micrograph_nodw, px, optics.voltage_kv, optics.cs_mm, optics.amplitude_contrast,
+                               settings.ctf)
+        metrics = {
+            "seconds": time.perf_counter() - t0,
+            "defocus_u": _to_float(ctf.defocus_u), "defocus_v": _to_float(ctf.defocus_v),
+            "defocus_angle_deg": _to_float(ctf.defocus_angle_deg), "astigmatism": _to_float(ctf.astigmatism),
+            "max_resolution_angstrom": _to_float(ctf.max_resolution_angstrom),
+            "figure_of_merit": _to_float(ctf.figure_of_merit),
+            "ice_thickness_angstrom": _to_float(getattr(ctf, "ice_thickness_angstrom", None)),
+        }
+        results.append(StageOutcome("ctf", hashes["ctf"], metrics, {}))
+
+    # ---------------------------------------------------------------- picking
+    with _tag("picking"):
+        t0 = time.perf_counter()
+        ctf_params = {"defocus_u": _to_float(ctf.defocus_u), "defocus_v": _to_float(ctf.defocus_v),
+                      "defocus_angle_deg": _to_float(ctf.defocus_angle_deg), "voltage_kv": optics.voltage_kv,
+                      "cs_mm": optics.cs_mm, "amplitude_contrast": optics.amplitude_contrast}
+        picks = fns.pick_blobs(micrograph, px, settings.picking, ctf=ctf_params)
+        coords = _np(picks.coords_yx_px).reshape(-1, 2).astype(np.float64)  # (n, 2) (y, x)
+        scores = _np(picks.scores).reshape(-1).astype(np.float64)
+        metrics = {"seconds": time.perf_counter() - t0, "n_picks": int(len(coords))}
+        results.append(StageOutcome("picking", hashes["picking"], metrics, {}))
+
+    # ---------------------------------------------------------------- extraction
+    with _tag("extraction"):
+        import pandas as pd
+
+        t0 = time.perf_counter()
+        box, out_box = _box_sizes(fns, settings)
+        particle_px = px * box / out_box
+        if len(coords):
+            coords_t = torch.as_tensor(coords, dtype=torch.float32, device=micrograph.device
+                                       if hasattr(micrograph, "device") else None)
+            ext = fns.extract_particles(micrograph, coords_t, box, out_box,
+                                        invert_contrast=settings.extraction.invert_contrast)
+            kept = _np(ext.kept).astype(bool).reshape(-1)
+            images = _np(ext.images)
+            if images.shape[0] == len(kept) and len(kept):
+                images = images[kept]
+        else:
+            kept = np.zeros(0, dtype=bool)
+            images = np.zeros((0, out_box, out_box), dtype=np.float32)
+        coords_kept = coords[kept]
+        scores_kept = scores[kept]
+        n = int(len(coords_kept))
+        du, dv, da = _particle_defocus(fns, ctf, coords_kept, micrograph, px)
+        write_mrc(paths["particles_mrcs"], images.astype(np.float32).reshape(n, out_box, out_box), particle_px,
+                  stack=True)
+        stack_rel = _rel(paths["particles_mrcs"], out)
+        rows = pd.DataFrame({
+            "rlnImageName": [f"{i + 1:06d}@{stack_rel}" for i in range(n)],
+            "rlnMicrographName": [_rel(paths["micrograph"], out)] * n,
+            "rlnCoordinateX": coords_kept[:, 1] if n else np.zeros(0),
+            "rlnCoordinateY": coords_kept[:, 0] if n else np.zeros(0),
+            "rlnDefocusU": du, "rlnDefocusV": dv, "rlnDefocusAngle": da,
+            "rlnOpticsGroup": np.ones(n, dtype=int),
+            "cryolivePickScore": scores_kept,
+        })
+        write_star(paths["particles_star"], {"particles": rows})
+        metrics = {"seconds": time.perf_counter() - t0, "n_particles": n, "box_size_px": int(box),
+                   "output_box_size_px": int(out_box), "particle_pixel_size_angstrom": float(particle_px)}
+        outputs = {"particles_mrcs": stack_rel, "particles_star": _rel(paths["particles_star"], out)}
+        results.append(StageOutcome("extraction", hashes["extraction"], metrics, outputs))
+        outcome.n_particles = n
+    return results
+
+
+def _box_sizes(fns: StageFunctions, settings: Settings) -> tuple[int, int]:
+    """(extraction box, output box) in pixels: from the settings, else cryolive's defaults."""
+    ext = settings.extraction
+    if ext.box_size_px is not None and ext.output_box_size_px is not None:
+        return int(ext.box_size_px), int(ext.output_box_size_px)
+    box, out_box = fns.default_box_sizes(settings.picking.particle_diameter_angstrom,
+                                         settings.optics.pixel_size_angstrom)
+    box = int(ext.box_size_px or box)
+    out_box = int(ext.output_box_size_px or min(out_box, box))
+    return box, out_box
+
+
+def _particle_defocus(fns: StageFunctions, ctf, coords_yx: np.ndarray, micrograph, px: float):
+    """Per-particle defocus U, V (Å) and angle (deg) as numpy arrays."""
+    n = len(coords_yx)
+    if n == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    shape = tuple(micrograph.shape[-2:])
+    du, dv, da = fns.per_particle_defocus(ctf, coords_yx, shape, px)
+    return (np.broadcast_to(_np(du).astype(np.float64), (n,)).copy(),
+            np.broadcast_to(_np(dv).astype(np.float64), (n,)).copy(),
+            np.broadcast_to(_np(da).astype(np.float64), (n,)).copy())
+
+
+def _rel(path: Path, out: Path) -> str:
+    return os.path.relpath(path, out)

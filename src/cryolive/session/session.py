@@ -1,0 +1,625 @@
+"""A processing session: the store, the workers, the streaming 2D classifier and the session's files.
+
+:class:`Session` is the only writer of ``OUT/session.sqlite``. It registers movies, sends them to workers
+(:func:`cryolive.session.pipeline.process_exposure`), records what comes back, feeds new particles to the
+streaming 2D classifier in batches, and rewrites the aggregate files atomically (CONTRACT.md)::
+
+    OUT/exposures.star         data_optics + data_micrographs (+ ice thickness, particle count, acceptance)
+    OUT/particles.star         data_optics + data_particles of accepted exposures (rlnClassNumber once known)
+    OUT/class2d/classes.mrcs   current class averages;  OUT/class2d/classes.star  their table
+    OUT/class2d/state.pt       the classifier's state (torch.save), reloaded on resume
+    OUT/provenance.json        version, time, command line, settings
+
+Starting a session again on the same OUT resumes: exposures done are not processed again, exposures
+interrupted while processing are queued again, and the 2D classifier state is reloaded.
+
+Examples::
+
+    with Session("OUT", settings) as s:
+        s.process(["movies/"])                       # everything there, then exit
+
+    with Session("OUT", settings) as s:
+        s.live("/data/watch", settle_s=3, stop_after_idle_s=600)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import glob
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Settings
+from .executor import make_executor
+from .pipeline import ExposureOutcome, StageFunctions, movie_stem, process_exposure
+from .store import SessionStore
+from .watcher import MovieWatcher, find_movies
+
+log = logging.getLogger("cryolive.session")
+
+
+@dataclass
+class SessionStatus:
+    """A snapshot for progress displays."""
+
+    n_seen: int
+    n_pending: int
+    n_processing: int
+    n_done: int
+    n_failed: int
+    n_particles: int
+    n_classes: int
+    n_particles_classified: int
+    exposures_per_hour: float
+    last_error: str | None
+    elapsed_s: float
+
+
+def expand_movie_args(items: Iterable[str | os.PathLike], patterns: str) -> list[Path]:
+    """Files, glob patterns or folders → sorted unique movie paths (folders searched recursively)."""
+    out: list[Path] = []
+    for item in items:
+        s = str(item)
+        p = Path(s)
+        if p.is_dir():
+            out.extend(find_movies(p, patterns))
+        elif any(ch in s for ch in "*?["):
+            out.extend(Path(m) for m in sorted(glob.glob(s, recursive=True)) if Path(m).is_file())
+        else:
+            out.append(p)
+    seen, unique = set(), []
+    for p in out:
+        r = p.resolve()
+        if r not in seen:
+            seen.add(r)
+            unique.append(r)
+    return unique
+
+
+def acceptance(ctf_metrics: dict | None, settings: Settings) -> tuple[bool, str]:
+    """The minimal acceptance rule: the CTF fit must reach ``settings.acceptance.max_ctf_resolution_angstrom``."""
+    if not ctf_metrics:
+        return False, "no CTF estimate"
+    res = float(ctf_metrics.get("max_resolution_angstrom", float("nan")))
+    limit = settings.acceptance.max_ctf_resolution_angstrom
+    if not math.isfinite(res):
+        return False, "CTF fit failed"
+    if res > limit:
+        return False, f"CTF fit resolution {res:.1f} A worse than {limit:.1f} A"
+    return True, "accepted"
+
+
+class Session:
+    """One session folder ``out_dir`` processed with ``settings``.
+
+    ``stages``: the algorithms (default: cryolive's; tests may inject others, see
+    :class:`~cryolive.session.pipeline.StageFunctions`). ``executor``: where exposures run (default:
+    ``make_executor(settings.n_workers)``). ``progress(status)`` is called after each step.
+    ``output_interval_s``: least time between two rewrites of the aggregate STAR files while running.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, settings: Settings, stages: StageFunctions | None = None,
+                 executor=None, progress: Callable[[SessionStatus], None] | None = None,
+                 output_interval_s: float = 5.0, max_attempts: int = 3):
+        from ..config import resolve_device
+        from ..io.provenance import write_provenance
+
+        self.out = Path(out_dir).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.settings = settings
+        self.device = resolve_device(settings.device)  # resolved once, passed down
+        self.stages = stages
+        self.store = SessionStore(self.out / "session.sqlite")
+        previous = self.store.get_value("settings")
+        current = settings.model_dump(mode="json")
+        if previous is not None and previous != current:
+            log.warning("settings differ from the previous run on %s; exposures already done are kept", self.out)
+        self.store.set_value("settings", current)
+        n_requeued = self.store.requeue_interrupted()
+        if n_requeued:
+            log.info("resuming: %d interrupted exposures queued again", n_requeued)
+        self._own_executor = executor is None
+        self.executor = executor if executor is not None else make_executor(settings.n_workers)
+        self.progress = progress
+        self.output_interval_s = float(output_interval_s)
+        self.max_attempts = int(max_attempts)
+        self._in_flight: dict[cf.Future, int] = {}
+        self._last_output = 0.0
+        self._dirty = False
+        self._particles_cache: dict[int, object] = {}
+        self._t0 = time.time()
+        self._done_this_run = 0
+        self.last_error: str | None = None
+        self.class2d = Class2DStage(self.out, settings, self.store, self.device)
+        write_provenance(self.out, current)
+
+    # ------------------------------------------------------------------ registering movies
+    @property
+    def frame_shape(self) -> tuple[int, int] | None:
+        fs = self.store.get_value("frame_shape")
+        return tuple(fs) if fs else None
+
+    def add_movies(self, paths: Iterable[str | os.PathLike]) -> list[int]:
+        """Register movies (duplicates ignored); return the ids of the new ones."""
+        new = []
+        for p in paths:
+            p = Path(p)
+            try:
+                st = p.stat()
+                size, mtime = st.st_size, st.st_mtime
+            except OSError:
+                size = mtime = None
+            eid, created = self.store.add_exposure(p, size, mtime)
+            if created:
+                new.append(eid)
+        return new
+
+    def add_failed(self, path: str | os.PathLike, reason: str) -> None:
+        """Register a movie found bad before processing (e.g. by the watcher)."""
+        eid, created = self.store.add_exposure(path)
+        if created:
+            self.store.mark_failed(eid, reason)
+            self.last_error = f"{Path(path).name}: {reason}"
+            self._dirty = True
+
+    # ------------------------------------------------------------------ running
+    def _submit_pending(self) -> None:
+        capacity = getattr(self.executor, "capacity", 1)
+        busy = set(self._in_flight.values())
+        for exp in self.store.exposures("pending"):
+            if len(self._in_flight) >= capacity:
+                break
+            if exp.id in busy:
+                continue
+            self.store.mark_processing(exp.id)
+            fut = self.executor.submit(process_exposure, exp.path, self.settings, str(self.out), self.stages,
+                                       self.frame_shape)
+            self._in_flight[fut] = exp.id
+
+    def step(self, timeout: float | None = 1.0) -> int:
+        """Submit pending exposures, wait up to ``timeout`` s for results, record them. Returns how many."""
+        self._submit_pending()
+        if not self._in_flight:
+            self._maybe_write_outputs()
+            return 0
+        done, _ = cf.wait(list(self._in_flight), timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        n = 0
+        for fut in done:
+            eid = self._in_flight.pop(fut)
+            try:
+                outcome = fut.result()
+            except cf.process.BrokenProcessPool as exc:
+                self._worker_crashed(eid, exc)
+                continue
+            except Exception as exc:  # the worker raised outside process_exposure's own handling
+                outcome = ExposureOutcome(path=self.store.get_exposure(eid).path, name="", ok=False,
+                                          error=f"worker error: {type(exc).__name__}: {exc}")
+            self._record(eid, outcome)
+            n += 1
+        if n:
+            self.class2d.feed(final=False)
+        self._maybe_write_outputs()
+        return n
+
+    def _worker_crashed(self, eid: int, exc: BaseException) -> None:
+        exp = self.store.get_exposure(eid)
+        log.warning("a worker died while processing %s: %s", exp.name, exc)
+        if exp.attempts >= self.max_attempts:
+            self.store.mark_failed(eid, f"worker process died {exp.attempts} times: {exc}")
+        else:
+            self.store.mark_pending(eid, f"worker process died: {exc}")
+        for fut, other in list(self._in_flight.items()):  # the whole pool is gone; requeue its tasks
+            self._in_flight.pop(fut)
+            self.store.mark_pending(other)
+        self.executor.restart()
+
+    def _record(self, eid: int, outcome: ExposureOutcome) -> None:
+        """Record a worker's outcome (its files are already written)."""
+        exp = self.store.get_exposure(eid)
+        self._dirty = True
+        if outcome.ok:
+            for st in outcome.stages:
+                self.store.record_stage(eid, st.stage, st.settings_hash, st.metrics, st.outputs)
+            if outcome.frame_shape and self.frame_shape is None:
+                self.store.set_value("frame_shape", list(outcome.frame_shape))
+            self.store.mark_done(eid, outcome.n_particles)
+            self._done_this_run += 1
+            log.info("%s: done, %d particles (%.1f s)", outcome.name, outcome.n_particles, outcome.seconds)
+            return
+        if outcome.transient and exp.attempts < self.max_attempts:
+            self.store.mark_pending(eid, outcome.error)
+            log.info("%s: not ready (%s); will retry", exp.name, outcome.error)
+            return
+        self.store.mark_failed(eid, outcome.error or "unknown error")
+        self.last_error = f"{exp.name}: {outcome.error}"
+        log.warning("%s: failed: %s", exp.name, outcome.error)
+
+    def run_until_done(self) -> None:
+        """Process every pending exposure, then return."""
+        while self.store.counts()["pending"] or self._in_flight:
+            self.step(timeout=1.0)
+            self._report()
+
+    def process(self, movies: Iterable[str | os.PathLike]) -> SessionStatus:
+        """Process the given movies (files, globs, folders) to the end of the pipeline; return the status."""
+        paths = expand_movie_args(movies, self.settings.movie_pattern)
+        self.add_movies(paths)
+        self.run_until_done()
+        self.finalize()
+        return self.status()
+
+    def live(self, watch_dir: str | os.PathLike, settle_s: float = 3.0, stop_after_idle_s: float | None = None,
+             max_exposures: int | None = None, poll_s: float = 1.0, give_up_s: float = 120.0,
+             should_stop: Callable[[], bool] | None = None) -> SessionStatus:
+        """Watch ``watch_dir`` and process movies as they are finished, until stopped.
+
+        Stops on Ctrl-C, when ``should_stop()`` is true, after ``stop_after_idle_s`` seconds with nothing new
+        and nothing to do, or once ``max_exposures`` exposures of this session are processed (done or failed).
+        """
+        watcher = MovieWatcher(watch_dir, self.settings.movie_pattern, settle_s=settle_s, give_up_s=give_up_s,
+                               is_known=self.store.has_exposure, expected_frame_shape=self.frame_shape)
+        last_activity = time.monotonic()
+        try:
+            while True:
+                if should_stop is not None and should_stop():
+                    break
+                finished = self._n_finished()
+                if max_exposures is not None and finished >= max_exposures and not self._in_flight:
+                    break
+                room = None if max_exposures is None else max_exposures - len(self.store.known_paths())
+                if room is None or room > 0:
+                    watcher.expected_frame_shape = self.frame_shape
+                    ready, failed = watcher.poll()
+                    for path, reason in failed[: room if room is not None else None]:
+                        self.add_failed(path, reason)
+                    if room is not None:
+                        room -= min(len(failed), room)
+                        ready = ready[:room]
+                    if ready or failed:
+                        self.add_movies(ready)
+                        last_activity = time.monotonic()
+                busy = bool(self._in_flight) or self.store.counts()["pending"] > 0
+                if busy:
+                    if self.step(timeout=poll_s):
+                        last_activity = time.monotonic()
+                    if self._in_flight or watcher.waiting:
+                        last_activity = time.monotonic()
+                else:
+                    if watcher.waiting:
+                        last_activity = time.monotonic()
+                    self._maybe_write_outputs()
+                    time.sleep(poll_s)
+                self._report()
+                if (stop_after_idle_s is not None and not self._in_flight
+                        and time.monotonic() - last_activity >= stop_after_idle_s):
+                    log.info("no new movies for %.0f s: stopping", stop_after_idle_s)
+                    break
+        except KeyboardInterrupt:
+            log.info("stopped by the user")
+        self.finalize()
+        return self.status()
+
+    def _n_finished(self) -> int:
+        c = self.store.counts()
+        return c["done"] + c["failed"]
+
+    def finalize(self) -> None:
+        """Wait for work in flight, feed the remaining particles to 2D, write every output."""
+        while self._in_flight:
+            self.step(timeout=1.0)
+        self.class2d.feed(final=True)
+        self.write_outputs()
+        self._report()
+
+    def close(self) -> None:
+        if self._own_executor:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> SessionStatus:
+        c = self.store.counts()
+        done = self.store.exposures("done")
+        elapsed = time.time() - self._t0
+        return SessionStatus(
+            n_seen=sum(c.values()), n_pending=c["pending"], n_processing=c["processing"], n_done=c["done"],
+            n_failed=c["failed"], n_particles=sum(e.n_particles or 0 for e in done),
+            n_classes=self.class2d.n_classes_active, n_particles_classified=self.class2d.n_particles_seen,
+            exposures_per_hour=3600.0 * self._done_this_run / max(elapsed, 1e-6),
+            last_error=self.last_error, elapsed_s=elapsed,
+        )
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.status())
+
+    # ------------------------------------------------------------------ outputs
+    def _maybe_write_outputs(self) -> None:
+        if self._dirty and time.monotonic() - self._last_output >= self.output_interval_s:
+            self.write_outputs()
+
+    def write_outputs(self) -> None:
+        """Rewrite exposures.star and particles.star atomically from the store."""
+        write_exposures_star(self.out, self.store, self.settings)
+        write_particles_star(self.out, self.store, self.settings, self._particles_cache)
+        self._last_output = time.monotonic()
+        self._dirty = False
+
+
+# ---------------------------------------------------------------------------------------------- STAR files
+def optics_table(settings: Settings, image_pixel_size: float | None = None, image_size: int | None = None):
+    """RELION's data_optics (one optics group), with the image columns for particles when given."""
+    import pandas as pd
+
+    o = settings.optics
+    row = {
+        "rlnOpticsGroup": 1, "rlnOpticsGroupName": "opticsGroup1",
+        "rlnMicrographOriginalPixelSize": o.pixel_size_angstrom, "rlnMicrographPixelSize": o.pixel_size_angstrom,
+        "rlnVoltage": o.voltage_kv, "rlnSphericalAberration": o.cs_mm, "rlnAmplitudeContrast": o.amplitude_contrast,
+    }
+    if image_pixel_size is not None:
+        row.update({"rlnImagePixelSize": float(image_pixel_size), "rlnImageSize": int(image_size),
+                    "rlnImageDimensionality": 2})
+    return pd.DataFrame([row])
+
+
+def exposure_rows(store: SessionStore, settings: Settings) -> list[dict]:
+    """One dict per exposure done: its CONTRACT columns and cryolive's own."""
+    rows = []
+    for exp in store.exposures("done"):
+        motion = store.stage_result(exp.id, "motion") or {"metrics": {}, "outputs": {}}
+        ctf = store.stage_result(exp.id, "ctf") or {"metrics": {}}
+        mm, cm = motion["metrics"], ctf["metrics"]
+        ok, reason = acceptance(cm, settings)
+        nan = float("nan")
+        rows.append({
+            "rlnMicrographMovieName": exp.path,
+            "rlnMicrographName": motion["outputs"].get("micrograph", f"micrographs/{movie_stem(exp.path)}.mrc"),
+            "rlnOpticsGroup": 1,
+            "rlnAccumMotionTotal": mm.get("accum_motion_total", nan),
+            "rlnAccumMotionEarly": mm.get("accum_motion_early", nan),
+            "rlnAccumMotionLate": mm.get("accum_motion_late", nan),
+            "rlnDefocusU": cm.get("defocus_u", nan), "rlnDefocusV": cm.get("defocus_v", nan),
+            "rlnDefocusAngle": cm.get("defocus_angle_deg", nan),
+            "rlnCtfAstigmatism": cm.get("astigmatism", nan),
+            "rlnCtfMaxResolution": cm.get("max_resolution_angstrom", nan),
+            "rlnCtfFigureOfMerit": cm.get("figure_of_merit", nan),
+            "cryoliveIceThicknessAngstrom": _nan_if_none(cm.get("ice_thickness_angstrom")),
+            "cryoliveParticleCount": int(exp.n_particles or 0),
+            "cryoliveAccepted": int(ok),
+            "cryoliveRejectionReason": "none" if ok else reason.replace(" ", "_"),
+            "_exposure_id": exp.id,
+        })
+    return rows
+
+
+def _nan_if_none(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def write_exposures_star(out: Path, store: SessionStore, settings: Settings) -> Path:
+    """``OUT/exposures.star``: data_optics + data_micrographs of the exposures done."""
+    import pandas as pd
+
+    from ..io.star import write_star
+
+    rows = exposure_rows(store, settings)
+    cols = ["rlnMicrographMovieName", "rlnMicrographName", "rlnOpticsGroup", "rlnAccumMotionTotal",
+            "rlnAccumMotionEarly", "rlnAccumMotionLate", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle",
+            "rlnCtfAstigmatism", "rlnCtfMaxResolution", "rlnCtfFigureOfMerit", "cryoliveIceThicknessAngstrom",
+            "cryoliveParticleCount", "cryoliveAccepted", "cryoliveRejectionReason"]
+    df = pd.DataFrame(rows, columns=cols + ["_exposure_id"])[cols]
+    return write_star(out / "exposures.star", {"optics": optics_table(settings), "micrographs": df})
+
+
+def accepted_particles(out: Path, store: SessionStore, settings: Settings, cache: dict | None = None):
+    """Particle rows of the accepted exposures → (DataFrame with ``_exposure_id``/``_index``, extraction metrics)."""
+    import pandas as pd
+
+    from ..io.star import read_star
+
+    cache = {} if cache is None else cache
+    frames, ext_metrics = [], None
+    for row in exposure_rows(store, settings):
+        if not row["cryoliveAccepted"] or not row["cryoliveParticleCount"]:
+            continue
+        eid = row["_exposure_id"]
+        ext = store.stage_result(eid, "extraction")
+        if ext is None:
+            continue
+        ext_metrics = ext_metrics or ext["metrics"]
+        if eid not in cache:
+            df = read_star(out / ext["outputs"]["particles_star"])["particles"].copy()
+            df["_exposure_id"] = eid
+            df["_index"] = np.arange(len(df))
+            cache[eid] = df
+        frames.append(cache[eid])
+    if not frames:
+        return pd.DataFrame(), None
+    return pd.concat(frames, ignore_index=True), ext_metrics
+
+
+def write_particles_star(out: Path, store: SessionStore, settings: Settings, cache: dict | None = None) -> Path | None:
+    """``OUT/particles.star``: data_optics + data_particles of the accepted exposures (with 2D classes)."""
+    from ..io.star import write_star
+
+    df, ext = accepted_particles(out, store, settings, cache)
+    if ext is None:
+        return None
+    df = df.copy()
+    classes = []
+    for eid, sub in df.groupby("_exposure_id", sort=False):
+        known = store.particle_classes(int(eid))
+        classes.append(sub["_index"].map(lambda i, k=known: k.get(int(i), 0)))
+    if classes:
+        import pandas as pd
+
+        cls = pd.concat(classes).reindex(df.index)
+        if (cls > 0).any():
+            df["rlnClassNumber"] = cls.astype(int)
+    df = df.drop(columns=["_exposure_id", "_index"])
+    optics = optics_table(settings, ext["particle_pixel_size_angstrom"], ext["output_box_size_px"])
+    return write_star(out / "particles.star", {"optics": optics, "particles": df})
+
+
+# ---------------------------------------------------------------------------------------------- 2D
+class Class2DStage:
+    """Feeds accepted particles to :class:`cryolive.classify2d.StreamingClassifier2D` in batches.
+
+    The classifier starts once ``settings.class2d.min_particles_to_start`` accepted particles exist; after
+    that every ``batch_size`` new particles (or all remaining ones at ``feed(final=True)``) are fed. After
+    each feed its state is saved (``OUT/class2d/state.pt``) and classes.mrcs / classes.star are rewritten.
+    """
+
+    def __init__(self, out: Path, settings: Settings, store: SessionStore, device):
+        self.out, self.settings, self.store, self.device = out, settings, store, device
+        self.classifier = None
+        self.n_particles_seen = int(store.get_value("class2d_particles_seen", 0))
+        self.n_classes_active = int(store.get_value("class2d_n_classes", 0))
+        self.state_path = out / "class2d" / "state.pt"
+        self._cache: dict = {}
+
+    def _create(self, box: int, pixel_size: float):
+        from ..classify2d import StreamingClassifier2D
+
+        s = self.settings
+        clf = StreamingClassifier2D(s.class2d.n_classes, box, pixel_size, s.optics, s.class2d, self.device)
+        rel = self.store.get_value("class2d_state")
+        if rel and (self.out / rel).is_file():
+            import torch
+
+            clf.load_state_dict(torch.load(self.out / rel, map_location=self.device, weights_only=False))
+            log.info("2D: classifier state reloaded from %s", rel)
+        return clf
+
+    def feed(self, final: bool = False) -> int:
+        """Feed unfed accepted particles if enough have come; return how many were fed."""
+        s = self.settings.class2d
+        df, ext = accepted_particles(self.out, self.store, self.settings, self._cache)
+        if ext is None or df.empty:
+            return 0
+        fed_ids = {e.id for e in self.store.exposures("done") if e.fed_2d}
+        unfed = df[~df["_exposure_id"].isin(fed_ids)]
+        if unfed.empty:
+            return 0
+        if self.classifier is None:
+            resuming = self.store.get_value("class2d_state") is not None
+            if not resuming and len(df) < s.min_particles_to_start:
+                return 0
+            self.classifier = self._create(int(ext["output_box_size_px"]), float(ext["particle_pixel_size_angstrom"]))
+        if not final and len(unfed) < s.batch_size:
+            return 0
+        import torch
+
+        images = self._load_images(unfed)  # (n, b, b)
+        du = torch.as_tensor(unfed["rlnDefocusU"].to_numpy(np.float32))
+        dv = torch.as_tensor(unfed["rlnDefocusV"].to_numpy(np.float32))
+        da = torch.as_tensor(unfed["rlnDefocusAngle"].to_numpy(np.float32))
+        classes = np.zeros(len(unfed), dtype=np.int64)
+        bs = max(1, int(s.batch_size))
+        for i in range(0, len(unfed), bs):
+            sl = slice(i, i + bs)
+            self.classifier.update(images[sl].to(self.device), du[sl].to(self.device), dv[sl].to(self.device),
+                                   da[sl].to(self.device))
+        for i in range(0, len(unfed), bs):
+            sl = slice(i, i + bs)
+            assigned = self.classifier.assign(images[sl].to(self.device), du[sl].to(self.device),
+                                              dv[sl].to(self.device), da[sl].to(self.device))
+            classes[sl] = _class_indices(assigned)
+        for eid, sub in unfed.assign(_class=classes + 1).groupby("_exposure_id", sort=False):
+            self.store.set_particle_classes(int(eid), sub["_index"].to_numpy(), sub["_class"].to_numpy())
+        self.store.mark_fed_2d(unfed["_exposure_id"].unique())
+        self.n_particles_seen += len(unfed)
+        self._save()
+        return len(unfed)
+
+    def _load_images(self, df):
+        import mrcfile
+        import torch
+
+        out = []
+        for stack_rel, sub in df.groupby(df["rlnImageName"].str.split("@").str[1], sort=False):
+            with mrcfile.mmap(self.out / stack_rel, mode="r", permissive=True) as m:
+                data = np.asarray(m.data, dtype=np.float32)
+                if data.ndim == 2:
+                    data = data[None]
+                out.append(data[sub["_index"].to_numpy()])
+        return torch.from_numpy(np.concatenate(out, axis=0))
+
+    def _save(self) -> None:
+        import torch
+
+        from ..io.atomic import atomic_path
+        from ..io.mrc import write_mrc
+        from ..io.star import write_star
+
+        with atomic_path(self.state_path) as tmp:
+            torch.save(self.classifier.state_dict(), tmp)
+        self.store.set_value("class2d_state", os.path.relpath(self.state_path, self.out))
+        snap = self.classifier.snapshot()
+        averages = _get(snap, "averages", "class_averages", "references")
+        averages = averages.detach().cpu().numpy() if hasattr(averages, "detach") else np.asarray(averages)
+        k = averages.shape[0]
+        dist = _as_np(_get(snap, "distribution", "class_distribution", "weights"), k)
+        res = _as_np(_get(snap, "resolution_angstrom", "estimated_resolution_angstrom", "resolution"), k)
+        sel = _get(snap, "selected", default=None)
+        selected = _as_np(sel, k).astype(int) if sel is not None else (dist > 0).astype(int)
+        pixel_size = float(_get(snap, "pixel_size_angstrom", default=self.classifier_pixel_size()))
+        write_mrc(self.out / "class2d" / "classes.mrcs", averages, pixel_size, stack=True)
+        import pandas as pd
+
+        table = pd.DataFrame({
+            "rlnReferenceImage": [f"{i + 1:06d}@class2d/classes.mrcs" for i in range(k)],
+            "rlnClassNumber": np.arange(1, k + 1),
+            "rlnClassDistribution": dist,
+            "rlnEstimatedResolution": res,
+            "cryoliveSelected": selected,
+        })
+        write_star(self.out / "class2d" / "classes.star", {"model_classes": table})
+        self.n_classes_active = int((dist > 0).sum())
+        self.store.set_value("class2d_particles_seen", self.n_particles_seen)
+        self.store.set_value("class2d_n_classes", self.n_classes_active)
+
+    def classifier_pixel_size(self) -> float:
+        return float(getattr(self.classifier, "pixel_size_angstrom", self.settings.optics.pixel_size_angstrom))
+
+
+def _get(obj, *names, default=None):
+    for n in names:
+        if isinstance(obj, dict) and n in obj:
+            return obj[n]
+        if hasattr(obj, n):
+            return getattr(obj, n)
+    if default is not None:
+        return default
+    return None
+
+
+def _as_np(x, k: int) -> np.ndarray:
+    if x is None:
+        return np.full(k, np.nan)
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.broadcast_to(np.asarray(x, dtype=np.float64), (k,)).copy()
+
+
+def _class_indices(assigned) -> np.ndarray:
+    """0-based class per particle from whatever ``assign`` returns (tensor of indices or a result object)."""
+    if not hasattr(assigned, "detach") and not isinstance(assigned, np.ndarray):
+        assigned = _get(assigned, "classes", "class_index", "labels")
+    if hasattr(assigned, "detach"):
+        assigned = assigned.detach().cpu().numpy()
+    return np.asarray(assigned, dtype=np.int64).reshape(-1)
