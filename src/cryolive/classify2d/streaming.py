@@ -1,0 +1,679 @@
+"""Streaming 2D classification: maximum-likelihood EM over in-plane rotations and shifts, with the CTF.
+
+Model (per particle ``i``, Fourier coefficient ``f``, rfft layout of :mod:`cryolive.fourier`)::
+
+    X_i(f) = CTF_i(f) · [R_psi A_k](f) · exp(-2πi f·s) + N_i(f),   E|N_i(f)|² = σ²(shell(f))
+
+``A_k`` is the CTF-free class average, ``R_psi`` rotates its content counter-clockwise by ``psi`` (x = column,
+y = row, :func:`cryolive.geometry.rotation_matrix_2d`), and ``s = (y, x)`` moves it by ``+s`` pixels, so a
+particle is ``shift_image_2d(rotate(A_k, psi), s)`` filtered by its CTF. The E-step computes the posterior over
+(class, psi, integer shift) for every particle, the cross-correlation for all shifts at once by FFT. The M-step
+accumulates per-class sufficient statistics in two random half-sets, ``Σ w · R_-psi(shift_-s(CTF·X))`` (real
+space) and ``Σ w · R_-psi(CTF²)`` (Fourier space), and the class average is their Wiener quotient
+``Σ CTF·X / (Σ CTF² + σ²/τ²)`` with ``τ²`` the per-shell signal power of the class.
+
+Streaming (online EM in the manner of Cappé & Moulines 2009): the statistics of a new batch replace a
+fraction ``γ = (n_batch / n_processed) ** kappa`` of the running statistics, so early (poor) assignments fade
+while the estimate still converges. A bounded reservoir of earlier particles is re-processed (``revisit``) so
+they are assigned again against the improved classes. The resolution used for alignment starts at
+``initial_resolution_angstrom`` and rises as the half-set FRC of the classes shows signal beyond it.
+
+Example::
+
+    from cryolive.config import Optics, Class2DSettings
+    from cryolive.classify2d import StreamingClassifier2D
+
+    clf = StreamingClassifier2D(20, 64, 2.0, Optics(pixel_size_angstrom=1.0))
+    for batch in stream:                      # images (n, 64, 64), defoci (n,) in Å, angle (n,) in degrees
+        result = clf.update(batch.images, batch.du, batch.dv, batch.angle)
+    snap = clf.snapshot()                     # averages (K, 64, 64), counts, distribution, resolution (Å)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import fourier
+from ..config import Class2DSettings, Optics
+from ..ctf import calculate_ctf_2d
+
+__all__ = ["StreamingClassifier2D", "BatchResult", "Class2DSnapshot", "rotate_images_2d"]
+
+
+@dataclass
+class BatchResult:
+    """Assignment of a batch of ``n`` particles.
+
+    ``class_index (n,)`` int64 (−1 while the classifier is still buffering before its first classes),
+    ``max_probability (n,)`` posterior probability of that class (marginal over poses), ``psi_deg (n,)`` and
+    ``shift_yx_px (n, 2)`` the best pose: the particle ≈ ``shift(rotate(average, psi_deg), shift_yx_px)``,
+    ``log_likelihood (n,)`` of the best pose relative to an empty model (larger = fits better).
+    """
+
+    class_index: torch.Tensor
+    max_probability: torch.Tensor
+    psi_deg: torch.Tensor
+    shift_yx_px: torch.Tensor
+    log_likelihood: torch.Tensor
+
+
+@dataclass
+class Class2DSnapshot:
+    """The current classes, on the CPU.
+
+    ``averages (K, b, b)`` float32 CTF-corrected (Wiener) class averages, particles white;
+    ``particle_counts (K,)`` effective number of particles behind each class (soft, after forgetting);
+    ``class_distribution (K,)`` fractions summing to 1; ``resolution_angstrom (K,)`` where the FRC between the
+    two half-set averages of the class falls below 0.143 (999 for an empty class, as RELION writes);
+    ``alignment_resolution_angstrom`` the current alignment limit; ``n_particles_seen`` new particles so far.
+    """
+
+    averages: torch.Tensor
+    particle_counts: torch.Tensor
+    class_distribution: torch.Tensor
+    resolution_angstrom: torch.Tensor
+    alignment_resolution_angstrom: float
+    n_particles_seen: int
+
+
+def rotate_images_2d(images: torch.Tensor, angle_deg: torch.Tensor) -> torch.Tensor:
+    """Rotate the content of ``images (N, h, w)`` counter-clockwise by ``angle_deg (N,)`` about ``(h//2, w//2)``.
+
+    Bilinear interpolation (``grid_sample``), zero outside. Acts on (x = column, y = row) like
+    :func:`cryolive.geometry.rotation_matrix_2d`: a point at ``r`` moves to ``R(angle) r``.
+    """
+    n, h, w = images.shape
+    dev = images.device
+    a = torch.deg2rad(angle_deg.to(device=dev, dtype=torch.float32))
+    c, s = torch.cos(a)[:, None, None], torch.sin(a)[:, None, None]
+    y = torch.arange(h, device=dev, dtype=torch.float32) - h // 2
+    x = torch.arange(w, device=dev, dtype=torch.float32) - w // 2
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    # source = R^T (out - centre) + centre
+    xs = c * xx + s * yy + w // 2
+    ys = -s * xx + c * yy + h // 2
+    grid = torch.stack([(2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1], dim=-1)  # (N, h, w, 2)
+    out = F.grid_sample(images[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[:, 0]
+
+
+def _soft_disc(b: int, radius: float, width: float, device) -> torch.Tensor:
+    y = torch.arange(b, device=device, dtype=torch.float32) - b // 2
+    r = torch.sqrt(y[:, None] ** 2 + y[None, :] ** 2)
+    t = ((r - radius) / width).clamp(0, 1)
+    return 0.5 * (1 + torch.cos(math.pi * t))
+
+
+class StreamingClassifier2D:
+    """Maximum-likelihood 2D classification that refines its classes as batches of particles arrive.
+
+    Parameters
+    ----------
+    n_classes: number of classes ``K``.
+    box_size_px: box ``b`` of the particle images (even).
+    pixel_size_angstrom: pixel size of the particle images, Å.
+    optics: voltage, Cs and amplitude contrast (its pixel size is not used; particles may be downsampled).
+    settings: ``min_particles_to_start`` (buffered before the first classes), ``n_psi`` in-plane rotations,
+        ``max_shift_px`` (integer shifts searched in ``[-m, m]²``), ``batch_size`` (a hint for callers).
+    device: where the work runs ("cpu", "cuda", ...); inputs are moved there, outputs come back on it.
+    seed: random seed (initialisation, half-sets, revisits).
+
+    Keyword-only tuning: ``initial_resolution_angstrom`` (alignment limit to start with, Å),
+    ``kappa`` (step-size exponent in (0.5, 1]; 1 = plain running sums), ``n_init_iterations`` (EM passes over the
+    first particles), ``buffer_size`` (particles kept for revisits), ``revisit_fraction`` (after each update,
+    this fraction of the batch size is re-processed from the buffer), ``mask_diameter_angstrom`` (soft circular
+    mask of the averages; default 0.9 × box), ``chunk_size`` (particles per E-step chunk, bounds memory).
+    """
+
+    def __init__(
+        self,
+        n_classes: int,
+        box_size_px: int,
+        pixel_size_angstrom: float,
+        optics: Optics,
+        settings: Class2DSettings = Class2DSettings(),
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        *,
+        initial_resolution_angstrom: float | None = None,
+        kappa: float = 0.75,
+        n_init_iterations: int = 6,
+        buffer_size: int = 4096,
+        revisit_fraction: float = 0.5,
+        mask_diameter_angstrom: float | None = None,
+        chunk_size: int = 64,
+    ):
+        if box_size_px % 2:
+            raise ValueError("box_size_px must be even")
+        self.K = int(n_classes)
+        self.b = int(box_size_px)
+        self.pixel_size = float(pixel_size_angstrom)
+        self.optics = optics
+        self.settings = settings
+        self.device = torch.device(device)
+        self.kappa = float(kappa)
+        self.n_init_iterations = int(n_init_iterations)
+        self.buffer_size = int(buffer_size)
+        self.revisit_fraction = float(revisit_fraction)
+        self.chunk_size = int(chunk_size)
+        b, dev = self.b, self.device
+        nyq = 2 * self.pixel_size
+        self.initial_resolution = max(
+            initial_resolution_angstrom if initial_resolution_angstrom else max(20.0, 8 * self.pixel_size), nyq
+        )
+        mask_d = mask_diameter_angstrom / self.pixel_size if mask_diameter_angstrom else 0.9 * b
+        self.mask = _soft_disc(b, mask_d / 2 - 2, 4.0, dev)  # (b, b)
+        self.shells = fourier.shell_index_2d((b, b), True, dev)  # (b, b//2+1)
+        self.n_shells = b // 2 + 1
+        mult = torch.full((b, b // 2 + 1), 2.0, device=dev)
+        mult[:, 0] = 1.0
+        mult[:, -1] = 1.0
+        self.mult = mult  # rfft half-plane multiplicity
+        m = int(settings.max_shift_px)
+        self.shift_idx = torch.arange(-m, m + 1, device=dev) % b
+        sy, sx = torch.meshgrid(torch.arange(-m, m + 1), torch.arange(-m, m + 1), indexing="ij")
+        self.shift_values = torch.stack([sy.reshape(-1), sx.reshape(-1)], -1).float().to(dev)  # (S, 2)
+        self.psi_values = torch.arange(settings.n_psi, device=dev, dtype=torch.float32) * (360.0 / settings.n_psi)
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self._reset_state()
+
+    # ------------------------------------------------------------------ state
+    def _reset_state(self):
+        K, b, dev = self.K, self.b, self.device
+        self.initialised = False
+        self.num = torch.zeros(2, K, b, b, device=dev)  # Σ w R(shift(CTF·X)), real space
+        self.den = torch.zeros(2, K, b, b // 2 + 1, device=dev)  # Σ w R(CTF²)
+        self.weight = torch.zeros(2, K, device=dev)  # Σ w
+        self.sigma2 = torch.ones(self.n_shells, device=dev)  # noise power per shell
+        self.total_weight = 0.0  # W: effective number of particles behind the statistics
+        self.n_processed = 0  # particles processed incl. revisits (step-size schedule)
+        self.n_seen = 0  # new particles
+        self.n_updates = 0
+        self.align_shell = self._shell_of(self.initial_resolution)
+        self.pending: list[tuple[torch.Tensor, ...]] = []
+        self.buf_images = torch.zeros(0, b, b, device=dev)
+        self.buf_ctfpar = torch.zeros(0, 3, device=dev)
+        self.buf_half = torch.zeros(0, dtype=torch.long, device=dev)
+        self._refs_cache = None
+
+    def _shell_of(self, res_angstrom: float) -> int:
+        return int(min(self.b // 2, max(2, math.floor(self.b * self.pixel_size / res_angstrom))))
+
+    @property
+    def alignment_resolution_angstrom(self) -> float:
+        return self.b * self.pixel_size / self.align_shell
+
+    def state_dict(self) -> dict:
+        """Plain tensors (CPU), numbers and lists: ``torch.save``-able, for resuming a live session."""
+        pending = (
+            (torch.cat([p[0] for p in self.pending]).cpu(), torch.cat([p[1] for p in self.pending]).cpu())
+            if self.pending
+            else (torch.zeros(0, self.b, self.b), torch.zeros(0, 3))
+        )
+        return {
+            "version": 1,
+            "n_classes": self.K,
+            "box_size_px": self.b,
+            "pixel_size_angstrom": self.pixel_size,
+            "initialised": self.initialised,
+            "num": self.num.cpu(),
+            "den": self.den.cpu(),
+            "weight": self.weight.cpu(),
+            "sigma2": self.sigma2.cpu(),
+            "total_weight": self.total_weight,
+            "n_processed": self.n_processed,
+            "n_seen": self.n_seen,
+            "n_updates": self.n_updates,
+            "align_shell": self.align_shell,
+            "pending_images": pending[0],
+            "pending_ctf": pending[1],
+            "buf_images": self.buf_images.cpu(),
+            "buf_ctfpar": self.buf_ctfpar.cpu(),
+            "buf_half": self.buf_half.cpu(),
+            "rng_state": self.gen.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (onto this classifier's device)."""
+        if (state["n_classes"], state["box_size_px"]) != (self.K, self.b):
+            raise ValueError("state_dict was made for a different number of classes or box size")
+        dev = self.device
+        self.initialised = bool(state["initialised"])
+        self.num = state["num"].to(dev).float()
+        self.den = state["den"].to(dev).float()
+        self.weight = state["weight"].to(dev).float()
+        self.sigma2 = state["sigma2"].to(dev).float()
+        self.total_weight = float(state["total_weight"])
+        self.n_processed = int(state["n_processed"])
+        self.n_seen = int(state["n_seen"])
+        self.n_updates = int(state["n_updates"])
+        self.align_shell = int(state["align_shell"])
+        pi, pc = state["pending_images"], state["pending_ctf"]
+        self.pending = [(pi.to(dev), pc.to(dev))] if len(pi) else []
+        self.buf_images = state["buf_images"].to(dev).float()
+        self.buf_ctfpar = state["buf_ctfpar"].to(dev).float()
+        self.buf_half = state["buf_half"].to(dev).long()
+        self.gen.set_state(state["rng_state"])
+        self._refs_cache = None
+
+    # ------------------------------------------------------------------ helpers
+    def _ctf(self, ctfpar: torch.Tensor, rfft: bool = True) -> torch.Tensor:
+        """CTF of particles with ``ctfpar (n, 3)`` = (defocus_u, defocus_v, angle_deg) → ``(n, b, b//2+1)``."""
+        o = self.optics
+        return calculate_ctf_2d(
+            ctfpar[:, 0], ctfpar[:, 1], ctfpar[:, 2], o.voltage_kv, o.cs_mm, o.amplitude_contrast,
+            self.pixel_size, (self.b, self.b), rfft=rfft, device=ctfpar.device,
+        )
+
+    def _as_inputs(self, images, defocus_u, defocus_v, defocus_angle_deg):
+        dev = self.device
+        x = torch.as_tensor(images, dtype=torch.float32).to(dev)
+        if x.ndim != 3 or x.shape[-1] != self.b or x.shape[-2] != self.b:
+            raise ValueError(f"images must be (n, {self.b}, {self.b}), got {tuple(x.shape)}")
+        par = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float32).to(dev).reshape(-1) for v in (defocus_u, defocus_v, defocus_angle_deg)],
+            -1,
+        )
+        if par.shape[0] != x.shape[0]:
+            raise ValueError("one defocus per image")
+        return x, par
+
+    def _signal_power_reg(self, num_ft, den):
+        """Wiener regulariser σ²/τ² per Fourier sample for statistics ``num_ft (..., b, b2)``, ``den``."""
+        sig2 = self.sigma2[self.shells.clamp(max=self.n_shells - 1)]
+        raw = num_ft / den.clamp(min=1e-3)
+        noise = sig2 / den.clamp(min=1e-3)
+        p_raw = fourier.radial_average_2d(raw.abs() ** 2)  # (..., n_shells)
+        p_noise = fourier.radial_average_2d(noise)
+        tau2 = (p_raw - p_noise).clamp(min=1e-3 * p_noise.clamp(min=1e-12))  # (..., n_shells)
+        tau2_f = tau2[..., self.shells.clamp(max=self.n_shells - 1)]
+        return sig2 / tau2_f
+
+    def _averages(self, halves: bool = False) -> torch.Tensor:
+        """Wiener class averages ``(K, b, b)`` (or ``(2, K, b, b)`` per half-set) from the statistics."""
+        num = self.num if halves else self.num.sum(0)
+        den = self.den if halves else self.den.sum(0)
+        num_ft = torch.fft.rfft2(num)
+        reg = self._signal_power_reg(num_ft, den)
+        avg = torch.fft.irfft2(num_ft / (den + reg), s=(self.b, self.b))
+        return avg * self.mask
+
+    def _references(self):
+        """Rotated references for the E-step: ``(K·P, b, b2)`` complex FFT, cached until the classes change."""
+        if self._refs_cache is None:
+            avg = self._averages()  # (K, b, b)
+            P = self.psi_values.shape[0]
+            rot = rotate_images_2d(avg.repeat_interleave(P, 0), self.psi_values.repeat(self.K))
+            self._refs_cache = torch.fft.rfft2(rot * self.mask)  # (K·P, b, b2)
+        return self._refs_cache
+
+    def _band_dft(self, shell: int, device):
+        """Rows/columns of the rfft band ``|f_y|, f_x ≤ shell`` and the DFT matrices to the shift window:
+        ``ey (S1, R)`` = exp(2πi f_y s_y / b), ``ex (C, S1)`` = c(f_x) exp(2πi f_x s_x / b) with the Hermitian
+        multiplicity ``c`` (1 at f_x = 0 and Nyquist, else 2)."""
+        b = self.b
+        fy = torch.fft.fftfreq(b, 1.0 / b, device=device)  # integer frequencies, fft order
+        rows = torch.nonzero(fy.abs() <= shell).flatten()
+        ncol = min(shell, b // 2) + 1
+        m = int(self.settings.max_shift_px)
+        sv = torch.arange(-m, m + 1, device=device, dtype=torch.float32)
+        ey = torch.exp(2j * math.pi * sv[:, None] * fy[rows][None, :] / b).to(torch.complex64)
+        fx = torch.arange(ncol, device=device, dtype=torch.float32)
+        cx = torch.where((fx == 0) | (fx == b // 2), 1.0, 2.0)
+        ex = (cx[:, None] * torch.exp(2j * math.pi * fx[:, None] * sv[None, :] / b)).to(torch.complex64)
+        return rows, ncol, ey, ex
+
+    def _class_prior(self):
+        w = self.weight.sum(0)
+        p = (w + 1.0) / (w.sum() + self.K)
+        return torch.log(p)
+
+    # ------------------------------------------------------------------ E-step
+    def _expectation(self, x: torch.Tensor, par: torch.Tensor, refs_ft: torch.Tensor | None = None,
+                     log_prior: torch.Tensor | None = None, normalized_cc: bool = False):
+        """Posterior over (class, psi, shift) for particles ``x (n, b, b)``.
+
+        Returns dict: ``post_class (n, K)``, ``best_pose (n, K)`` (index into P·S for each class),
+        ``best (n,)`` overall (class·P·S + pose) index, ``best_ll (n,)``, ``sigma2_batch (n_shells,)`` sum.
+        ``normalized_cc``: score by normalised cross-correlation instead of likelihood (initial seeding).
+        """
+        b = self.b
+        refs_ft = self._references() if refs_ft is None else refs_ft
+        KP = refs_ft.shape[0]
+        K = KP // self.psi_values.shape[0]
+        P = self.psi_values.shape[0]
+        S = self.shift_values.shape[0]
+        lim = (self.shells <= self.align_shell).float()
+        wb = lim / self.sigma2[self.shells.clamp(max=self.n_shells - 1)]  # (b, b2)
+        ref_pow = (refs_ft.abs() ** 2).reshape(KP, -1)  # (KP, F)
+        rows, ncol, ey, ex = self._band_dft(self.align_shell, x.device)
+        refs_band = refs_ft[:, rows][..., :ncol].conj()  # (KP, R, C)
+        if log_prior is None:
+            log_prior = self._class_prior() if refs_ft is self._refs_cache else torch.zeros(K, device=x.device)
+        out_post, out_pose, out_best, out_ll = [], [], [], []
+        for c0 in range(0, x.shape[0], self.chunk_size):
+            xc = x[c0 : c0 + self.chunk_size]
+            n = xc.shape[0]
+            ctf = self._ctf(par[c0 : c0 + self.chunk_size])  # (n, b, b2)
+            X = torch.fft.rfft2(xc)
+            Z = X * ctf * wb  # (n, b, b2)
+            # cross-correlation Σ_f Z(f) conj(R(f)) exp(2πi f·s) at the integer shifts only, summing over the
+            # band |f| ≤ limit by two small DFT matrix products (cheaper than full inverse FFTs at low resolution)
+            yb = Z[:, rows][..., :ncol][:, None] * refs_band[None]  # (n, KP, R, C)
+            cc = (ey @ yb @ ex).real.reshape(n, KP, S)
+            mm = ((ctf**2) * wb * self.mult).reshape(n, -1) @ ref_pow.T  # (n, KP)
+            xx = ((X.abs() ** 2) * wb * self.mult).reshape(n, -1).sum(-1)  # (n,)
+            if normalized_cc:
+                score = cc / torch.sqrt(mm[..., None] * xx[:, None, None]).clamp(min=1e-12)
+                ll = score.reshape(n, K, P * S)
+            else:
+                ll = (cc - 0.5 * mm[..., None]).reshape(n, K, P * S)  # relative to the empty model
+            best_pose_ll, best_pose = ll.max(-1)  # (n, K)
+            if normalized_cc:
+                post = F.one_hot(best_pose_ll.argmax(-1), K).float()
+            else:
+                lse = torch.logsumexp(ll, -1) + log_prior  # (n, K)
+                post = torch.softmax(lse, -1)
+            kbest = (best_pose_ll + (0 if normalized_cc else log_prior)).argmax(-1)
+            out_post.append(post)
+            out_pose.append(best_pose)
+            out_best.append(kbest)
+            out_ll.append(best_pose_ll.gather(1, kbest[:, None])[:, 0])
+        return {
+            "post_class": torch.cat(out_post),
+            "best_pose": torch.cat(out_pose),
+            "best_class": torch.cat(out_best),
+            "best_ll": torch.cat(out_ll),
+        }
+
+    def _result(self, e) -> BatchResult:
+        k = e["best_class"]
+        pose = e["best_pose"].gather(1, k[:, None])[:, 0]
+        S = self.shift_values.shape[0]
+        return BatchResult(
+            class_index=k,
+            max_probability=e["post_class"].gather(1, k[:, None])[:, 0],
+            psi_deg=self.psi_values[pose // S],
+            shift_yx_px=self.shift_values[pose % S],
+            log_likelihood=e["best_ll"],
+        )
+
+    # ------------------------------------------------------------------ M-step
+    def _batch_statistics(self, x, par, half, e, top: int = 3, min_weight: float = 1e-3):
+        """Sufficient statistics of a batch given its E-step: ``num (2,K,b,b)``, ``den``, ``weight (2,K)``,
+        ``sigma2_sum (n_shells,)`` (residual power per shell summed over particles)."""
+        b, K = self.b, self.K
+        S = self.shift_values.shape[0]
+        post, pose = e["post_class"], e["best_pose"]
+        T = min(top, K)
+        wt, kt = post.topk(T, dim=-1)  # (n, T)
+        wt = wt / wt.sum(-1, keepdim=True)
+        keep = wt > min_weight
+        ii = torch.arange(x.shape[0], device=x.device)[:, None].expand(-1, T)[keep]
+        kk, ww = kt[keep], wt[keep]
+        pp = pose[ii, kk]
+        psi = self.psi_values[pp // S]
+        sh = self.shift_values[pp % S]
+        num = torch.zeros(2, K, b, b, device=x.device)
+        den = torch.zeros(2, K, b, b // 2 + 1, device=x.device)
+        weight = torch.zeros(2, K, device=x.device)
+        sig = torch.zeros(self.n_shells, device=x.device)
+        refs = self._references() if self.initialised else None
+        step = max(1, self.chunk_size * 8)
+        for c0 in range(0, ii.shape[0], step):
+            i_, k_, w_, p_, s_ = (t[c0 : c0 + step] for t in (ii, kk, ww, psi, sh))
+            ctf = self._ctf(par[i_])
+            cx_ft = torch.fft.rfft2(x[i_]) * ctf * fourier.phase_shift_2d(-s_, (b, b))
+            cx = rotate_images_2d(torch.fft.irfft2(cx_ft, s=(b, b)), -p_)
+            c2 = torch.fft.fftshift(self._ctf(par[i_], rfft=False) ** 2, dim=(-2, -1))
+            c2 = torch.fft.ifftshift(rotate_images_2d(c2, -p_), dim=(-2, -1))[..., : b // 2 + 1]
+            flat = half[i_] * K + k_
+            num.view(2 * K, b, b).index_add_(0, flat, cx * w_[:, None, None])
+            den.view(2 * K, b, b // 2 + 1).index_add_(0, flat, c2 * w_[:, None, None])
+            weight.view(-1).index_add_(0, flat, w_)
+        if refs is not None:  # residual power at the best pose → noise estimate
+            kb = e["best_class"]
+            pb = pose.gather(1, kb[:, None])[:, 0]
+            for c0 in range(0, x.shape[0], step):
+                sl = slice(c0, c0 + step)
+                ctf = self._ctf(par[sl])
+                model = refs[kb[sl] * self.psi_values.shape[0] + pb[sl] // S] * ctf
+                model = model * fourier.phase_shift_2d(self.shift_values[pb[sl] % S], (b, b))
+                res = (torch.fft.rfft2(x[sl]) - model).abs() ** 2
+                sig += fourier.radial_average_2d(res).sum(0)
+        else:
+            sig = fourier.radial_average_2d(torch.fft.rfft2(x).abs() ** 2).sum(0)
+        return num, den, weight, sig
+
+    def _maximization(self, stats, n: int, gamma: float):
+        """Blend batch statistics of ``n`` particles into the running ones with step size ``gamma``."""
+        num, den, weight, sig = stats
+        w_old = self.total_weight
+        w_new = n / gamma if gamma < 1 else float(n)
+        w_new = min(w_new, w_old + n) if w_old > 0 else float(n)
+        a_old = (1 - gamma) * (w_new / w_old) if w_old > 0 else 0.0
+        a_new = gamma * w_new / n
+        self.num = a_old * self.num + a_new * num
+        self.den = a_old * self.den + a_new * den
+        self.weight = a_old * self.weight + a_new * weight
+        self.sigma2 = (1 - gamma) * self.sigma2 + gamma * (sig / n) if w_old > 0 else sig / n
+        self.sigma2 = self.sigma2.clamp(min=1e-6 * float(self.sigma2.max()))
+        self.total_weight = w_new
+        self._refs_cache = None
+        self._recentre()
+        self._refs_cache = None
+        self._update_alignment_limit()
+
+    def _recentre(self):
+        """Move each class average's centre of mass (positive density) to the box centre."""
+        avg = self._averages().clamp(min=0)
+        y = torch.arange(self.b, device=avg.device, dtype=torch.float32) - self.b // 2
+        m = avg.sum((-2, -1)).clamp(min=1e-12)
+        com = torch.stack([(avg.sum(-1) * y).sum(-1) / m, (avg.sum(-2) * y).sum(-1) / m], -1)  # (K, 2)
+        com = torch.where((avg.sum((-2, -1)) > 0)[:, None], com, torch.zeros_like(com))
+        self.num = fourier.shift_image_2d(self.num, -com[None].expand(2, -1, -1))
+
+    def _half_frc(self) -> torch.Tensor:
+        """FRC ``(K, n_shells)`` between the two half-sets' CTF-weighted sums ``Σ CTF·X`` of each class.
+
+        Computed without mask or Wiener filter: a shared mask would leak strong low-frequency signal into the
+        (filtered, tiny) high-frequency shells of both halves and fake a correlation there."""
+        return fourier.fourier_ring_correlation(self.num[0], self.num[1])
+
+    def _resolution_shells(self) -> torch.Tensor:
+        """Per class, the last shell before the half-set FRC falls below 0.143 ``(K,)``."""
+        frc = self._half_frc()
+        below = frc[:, 1:] < 0.143
+        first = torch.where(below.any(-1), below.float().argmax(-1), torch.full_like(below[:, 0], below.shape[1] - 1, dtype=torch.long))
+        return first.clamp(min=1)  # index into shells 1.. → last good shell = first (shell first+1 fails)
+
+    def _update_alignment_limit(self):
+        w = self.weight.sum(0)
+        pop = w > 0.5 * w.sum() / self.K / 4
+        if not bool(pop.any()):
+            return
+        shells = self._resolution_shells()[pop].float()
+        target = int(torch.quantile(shells, 0.5).item())
+        self.align_shell = int(min(self.b // 2, max(self.align_shell, min(target, self.align_shell + 3))))
+
+    def _reseed_empty(self, x, par, half, e):
+        """Classes with (almost) no weight restart from the worst-fitting particles of the batch."""
+        w = self.weight.sum(0)
+        empty = torch.nonzero(w < 0.05 * w.sum() / self.K).flatten()
+        if empty.numel() == 0:
+            return
+        order = torch.argsort(e["best_ll"])  # worst first
+        for j, k in enumerate(empty.tolist()):
+            if j >= x.shape[0]:
+                break
+            i = order[j : j + 1]
+            sub = {
+                "post_class": F.one_hot(torch.tensor([k], device=x.device), self.K).float(),
+                "best_pose": e["best_pose"][i].clone(),
+                "best_class": torch.tensor([k], device=x.device),
+            }
+            sub["best_pose"][:, k] = e["best_pose"][i, e["best_class"][i]]
+            num, den, weight, _ = self._batch_statistics(x[i], par[i], half[i], sub)
+            self.num[:, k], self.den[:, k], self.weight[:, k] = num[:, k], den[:, k], weight[:, k]
+        self._refs_cache = None
+
+    # ------------------------------------------------------------------ initialisation
+    def _initialise(self, x, par, half):
+        """k-means++ seeding by aligned, normalised cross-correlation of phase-flipped, low-passed particles,
+        then ``n_init_iterations`` EM passes over these particles."""
+        n = x.shape[0]
+        b = self.b
+        ctf = self._ctf(par)
+        flipped = torch.fft.irfft2(torch.fft.rfft2(x) * torch.sign(ctf), s=(b, b))
+        flipped = fourier.lowpass_2d(flipped, self.initial_resolution, self.pixel_size) * self.mask
+        self.sigma2 = fourier.radial_average_2d(torch.fft.rfft2(x).abs() ** 2).mean(0)
+        P = self.psi_values.shape[0]
+        first = int(torch.randint(n, (1,), generator=self.gen))
+        seeds = [first]
+        best_score = torch.full((n,), -1e9, device=x.device)
+        for _ in range(self.K):
+            s = flipped[seeds[-1]]
+            rot = rotate_images_2d(s[None].expand(P, -1, -1), self.psi_values)
+            e = self._expectation(x, par, torch.fft.rfft2(rot), torch.zeros(1, device=x.device), normalized_cc=True)
+            best_score = torch.maximum(best_score, e["best_ll"])
+            if len(seeds) == self.K:
+                break
+            d = (1 - best_score).clamp(min=0) ** 2
+            d[seeds] = 0
+            seeds.append(int(torch.multinomial(d.cpu() + 1e-12, 1, generator=self.gen)))
+        rot = rotate_images_2d(flipped[seeds].repeat_interleave(P, 0), self.psi_values.repeat(self.K))
+        e = self._expectation(x, par, torch.fft.rfft2(rot), torch.zeros(self.K, device=x.device), normalized_cc=True)
+        stats = self._batch_statistics(x, par, half, e)
+        self.total_weight = 0.0
+        self._maximization(stats, n, 1.0)
+        self.initialised = True
+        for _ in range(self.n_init_iterations):
+            self._em_pass(x, par, half, gamma=1.0)
+
+    def _em_pass(self, x, par, half, gamma: float):
+        e = self._expectation(x, par)
+        stats = self._batch_statistics(x, par, half, e)
+        self._maximization(stats, x.shape[0], gamma)
+        self._reseed_empty(x, par, half, e)
+        return e
+
+    # ------------------------------------------------------------------ buffer
+    def _remember(self, x, par, half):
+        """Reservoir sampling of particles into the bounded revisit buffer."""
+        for i in range(x.shape[0]):
+            self.n_seen += 1
+            if self.buf_images.shape[0] < self.buffer_size:
+                self.buf_images = torch.cat([self.buf_images, x[i : i + 1]])
+                self.buf_ctfpar = torch.cat([self.buf_ctfpar, par[i : i + 1]])
+                self.buf_half = torch.cat([self.buf_half, half[i : i + 1]])
+            else:
+                j = int(torch.randint(self.n_seen, (1,), generator=self.gen))
+                if j < self.buffer_size:
+                    self.buf_images[j], self.buf_ctfpar[j], self.buf_half[j] = x[i], par[i], half[i]
+
+    def _halves(self, n: int) -> torch.Tensor:
+        return (torch.arange(self.n_seen, self.n_seen + n, device=self.device) % 2).long()
+
+    def _gamma(self, n: int) -> float:
+        self.n_processed += n
+        return float(min(1.0, (n / self.n_processed) ** self.kappa))
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def update(self, images, defocus_u, defocus_v, defocus_angle_deg) -> BatchResult:
+        """Add a batch of particles ``images (n, b, b)`` (particles white, normalised background) with their
+        CTF (``defocus_u, defocus_v (n,)`` Å, ``defocus_angle_deg (n,)``) and refine the classes.
+
+        Before ``settings.min_particles_to_start`` particles have arrived, they are buffered and the result has
+        ``class_index == -1``; the batch that completes the start set initialises the classes and is assigned.
+        """
+        x, par = self._as_inputs(images, defocus_u, defocus_v, defocus_angle_deg)
+        n = x.shape[0]
+        half = self._halves(n)
+        self._remember(x, par, half)
+        if not self.initialised:
+            self.pending.append((x, par))
+            n_pend = sum(p[0].shape[0] for p in self.pending)
+            if n_pend < self.settings.min_particles_to_start:
+                z = torch.zeros(n, device=self.device)
+                return BatchResult(
+                    torch.full((n,), -1, dtype=torch.long, device=self.device), z, z.clone(),
+                    torch.zeros(n, 2, device=self.device), z.clone(),
+                )
+            px = torch.cat([p[0] for p in self.pending])
+            pp = torch.cat([p[1] for p in self.pending])
+            ph = (torch.arange(self.n_seen - px.shape[0], self.n_seen, device=self.device) % 2).long()
+            self.pending = []
+            self.n_processed = px.shape[0]
+            self._initialise(px, pp, ph)
+            self.n_updates += 1
+            return self._result(self._expectation(x, par))
+        e = self._em_pass(x, par, half, self._gamma(n))
+        self.n_updates += 1
+        if self.revisit_fraction > 0:
+            self.revisit(int(round(self.revisit_fraction * n)))
+        return self._result(e)
+
+    @torch.no_grad()
+    def revisit(self, n: int) -> BatchResult | None:
+        """Re-process ``n`` random particles from the bounded buffer of earlier particles (E- and M-step), so
+        their early assignments are corrected against the current classes. Returns their new assignment."""
+        nb = self.buf_images.shape[0]
+        if not self.initialised or nb == 0 or n <= 0:
+            return None
+        idx = torch.randperm(nb, generator=self.gen)[: min(n, nb)].to(self.device)
+        x, par, half = self.buf_images[idx], self.buf_ctfpar[idx], self.buf_half[idx]
+        e = self._em_pass(x, par, half, self._gamma(x.shape[0]))
+        return self._result(e)
+
+    @torch.no_grad()
+    def fit(self, images, defocus_u, defocus_v, defocus_angle_deg, n_iterations: int = 10) -> BatchResult:
+        """Batch mode: classify all particles at once with ``n_iterations`` full EM passes (same E- and M-steps
+        as :meth:`update`), after the same initialisation if there are no classes yet."""
+        x, par = self._as_inputs(images, defocus_u, defocus_v, defocus_angle_deg)
+        half = self._halves(x.shape[0])
+        self._remember(x, par, half)
+        if not self.initialised:
+            n_init = self.n_init_iterations
+            self.n_init_iterations = 0
+            self._initialise(x, par, half)
+            self.n_init_iterations = n_init
+        self.n_processed += x.shape[0]
+        for _ in range(n_iterations):
+            self._em_pass(x, par, half, gamma=1.0)
+            self.n_updates += 1
+        return self._result(self._expectation(x, par))
+
+    @torch.no_grad()
+    def assign(self, images, defocus_u, defocus_v, defocus_angle_deg) -> BatchResult:
+        """E-step only: the best class and pose of each particle against the current classes (no update)."""
+        if not self.initialised:
+            raise RuntimeError("no classes yet: fewer than settings.min_particles_to_start particles seen")
+        x, par = self._as_inputs(images, defocus_u, defocus_v, defocus_angle_deg)
+        return self._result(self._expectation(x, par))
+
+    @torch.no_grad()
+    def snapshot(self) -> Class2DSnapshot:
+        """The current class averages and their statistics, as CPU tensors."""
+        K, b = self.K, self.b
+        if not self.initialised:
+            return Class2DSnapshot(
+                torch.zeros(K, b, b), torch.zeros(K), torch.full((K,), 1.0 / K), torch.full((K,), 999.0),
+                self.alignment_resolution_angstrom, self.n_seen,
+            )
+        w = self.weight.sum(0)
+        shells = self._resolution_shells().float()
+        res = b * self.pixel_size / shells
+        res = torch.where(self.weight.min(0).values > 2.0, res, torch.full_like(res, 999.0))
+        return Class2DSnapshot(
+            averages=self._averages().float().cpu(),
+            particle_counts=w.cpu(),
+            class_distribution=(w / w.sum().clamp(min=1e-12)).cpu(),
+            resolution_angstrom=res.cpu(),
+            alignment_resolution_angstrom=self.alignment_resolution_angstrom,
+            n_particles_seen=self.n_seen,
+        )
