@@ -62,7 +62,7 @@ def box_sizes(particle_diameter_angstrom, pixel_size_angstrom):
     return 16, 16
 
 
-def constant_defocus(ctf, coords_yx_px, shape, pixel_size_angstrom):
+def constant_defocus(coords_yx_px, ctf):
     n = len(coords_yx_px)
     return (np.full(n, ctf.defocus_u), np.full(n, ctf.defocus_v), np.full(n, ctf.defocus_angle_deg))
 

@@ -310,17 +310,15 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
                                        if hasattr(micrograph, "device") else None)
             ext = fns.extract_particles(micrograph, coords_t, box, out_box,
                                         invert_contrast=settings.extraction.invert_contrast)
-            kept = _np(ext.kept).astype(bool).reshape(-1)
-            images = _np(ext.images)
-            if images.shape[0] == len(kept) and len(kept):
-                images = images[kept]
+            kept = _np(ext.kept).astype(bool).reshape(-1)  # (n,)
+            images = _np(ext.images)  # (n_kept, b, b)
         else:
             kept = np.zeros(0, dtype=bool)
             images = np.zeros((0, out_box, out_box), dtype=np.float32)
         coords_kept = coords[kept]
         scores_kept = scores[kept]
         n = int(len(coords_kept))
-        du, dv, da = _particle_defocus(fns, ctf, coords_kept, micrograph, px)
+        du, dv, da = _particle_defocus(fns, ctf, coords_kept)
         write_mrc(paths["particles_mrcs"], images.astype(np.float32).reshape(n, out_box, out_box), particle_px,
                   stack=True)
         stack_rel = _rel(paths["particles_mrcs"], out)
@@ -354,16 +352,15 @@ def _box_sizes(fns: StageFunctions, settings: Settings) -> tuple[int, int]:
     return box, out_box
 
 
-def _particle_defocus(fns: StageFunctions, ctf, coords_yx: np.ndarray, micrograph, px: float):
-    """Per-particle defocus U, V (Å) and angle (deg) as numpy arrays."""
+def _particle_defocus(fns: StageFunctions, ctf, coords_yx: np.ndarray):
+    """Per-particle defocus U, V (Å) and angle (deg) as numpy float64 arrays ``(n,)``."""
+    import torch
+
     n = len(coords_yx)
     if n == 0:
         return np.zeros(0), np.zeros(0), np.zeros(0)
-    shape = tuple(micrograph.shape[-2:])
-    du, dv, da = fns.per_particle_defocus(ctf, coords_yx, shape, px)
-    return (np.broadcast_to(_np(du).astype(np.float64), (n,)).copy(),
-            np.broadcast_to(_np(dv).astype(np.float64), (n,)).copy(),
-            np.broadcast_to(_np(da).astype(np.float64), (n,)).copy())
+    du, dv, da = fns.per_particle_defocus(torch.as_tensor(coords_yx, dtype=torch.float32), ctf)
+    return tuple(_np(v).astype(np.float64).reshape(n) for v in (du, dv, da))
 
 
 def _rel(path: Path, out: Path) -> str:

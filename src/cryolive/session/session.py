@@ -528,18 +528,21 @@ class Class2DStage:
         du = torch.as_tensor(unfed["rlnDefocusU"].to_numpy(np.float32))
         dv = torch.as_tensor(unfed["rlnDefocusV"].to_numpy(np.float32))
         da = torch.as_tensor(unfed["rlnDefocusAngle"].to_numpy(np.float32))
-        classes = np.zeros(len(unfed), dtype=np.int64)
+        classes = np.full(len(unfed), -1, dtype=np.int64)  # 0-based; -1: not assigned yet
         bs = max(1, int(s.batch_size))
         for i in range(0, len(unfed), bs):
             sl = slice(i, i + bs)
-            self.classifier.update(images[sl].to(self.device), du[sl].to(self.device), dv[sl].to(self.device),
-                                   da[sl].to(self.device))
-        for i in range(0, len(unfed), bs):
-            sl = slice(i, i + bs)
-            assigned = self.classifier.assign(images[sl].to(self.device), du[sl].to(self.device),
-                                              dv[sl].to(self.device), da[sl].to(self.device))
-            classes[sl] = _class_indices(assigned)
+            result = self.classifier.update(images[sl], du[sl], dv[sl], da[sl])
+            classes[sl] = result.class_index.cpu().numpy()
+        buffered = np.flatnonzero(classes < 0)  # arrived before the classifier had its first classes
+        if len(buffered) and self.classifier.initialised:
+            for i in range(0, len(buffered), bs):
+                idx = buffered[i : i + bs]
+                t_idx = torch.as_tensor(idx)
+                result = self.classifier.assign(images[t_idx], du[t_idx], dv[t_idx], da[t_idx])
+                classes[idx] = result.class_index.cpu().numpy()
         for eid, sub in unfed.assign(_class=classes + 1).groupby("_exposure_id", sort=False):
+            sub = sub[sub["_class"] > 0]
             self.store.set_particle_classes(int(eid), sub["_index"].to_numpy(), sub["_class"].to_numpy())
         self.store.mark_fed_2d(unfed["_exposure_id"].unique())
         self.n_particles_seen += len(unfed)
@@ -570,15 +573,12 @@ class Class2DStage:
             torch.save(self.classifier.state_dict(), tmp)
         self.store.set_value("class2d_state", os.path.relpath(self.state_path, self.out))
         snap = self.classifier.snapshot()
-        averages = _get(snap, "averages", "class_averages", "references")
-        averages = averages.detach().cpu().numpy() if hasattr(averages, "detach") else np.asarray(averages)
+        averages = snap.averages.numpy()  # (K, b, b)
         k = averages.shape[0]
-        dist = _as_np(_get(snap, "distribution", "class_distribution", "weights"), k)
-        res = _as_np(_get(snap, "resolution_angstrom", "estimated_resolution_angstrom", "resolution"), k)
-        sel = _get(snap, "selected", default=None)
-        selected = _as_np(sel, k).astype(int) if sel is not None else (dist > 0).astype(int)
-        pixel_size = float(_get(snap, "pixel_size_angstrom", default=self.classifier_pixel_size()))
-        write_mrc(self.out / "class2d" / "classes.mrcs", averages, pixel_size, stack=True)
+        dist = snap.class_distribution.numpy().astype(np.float64)
+        res = snap.resolution_angstrom.numpy().astype(np.float64)
+        selected = select_classes(dist, res)
+        write_mrc(self.out / "class2d" / "classes.mrcs", averages, self.classifier.pixel_size, stack=True)
         import pandas as pd
 
         table = pd.DataFrame({
@@ -586,40 +586,17 @@ class Class2DStage:
             "rlnClassNumber": np.arange(1, k + 1),
             "rlnClassDistribution": dist,
             "rlnEstimatedResolution": res,
-            "cryoliveSelected": selected,
+            "cryoliveParticleCount": snap.particle_counts.numpy().astype(np.float64),
+            "cryoliveSelected": selected.astype(int),
         })
         write_star(self.out / "class2d" / "classes.star", {"model_classes": table})
-        self.n_classes_active = int((dist > 0).sum())
+        self.n_classes_active = int(selected.sum())
         self.store.set_value("class2d_particles_seen", self.n_particles_seen)
         self.store.set_value("class2d_n_classes", self.n_classes_active)
 
-    def classifier_pixel_size(self) -> float:
-        return float(getattr(self.classifier, "pixel_size_angstrom", self.settings.optics.pixel_size_angstrom))
 
-
-def _get(obj, *names, default=None):
-    for n in names:
-        if isinstance(obj, dict) and n in obj:
-            return obj[n]
-        if hasattr(obj, n):
-            return getattr(obj, n)
-    if default is not None:
-        return default
-    return None
-
-
-def _as_np(x, k: int) -> np.ndarray:
-    if x is None:
-        return np.full(k, np.nan)
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.broadcast_to(np.asarray(x, dtype=np.float64), (k,)).copy()
-
-
-def _class_indices(assigned) -> np.ndarray:
-    """0-based class per particle from whatever ``assign`` returns (tensor of indices or a result object)."""
-    if not hasattr(assigned, "detach") and not isinstance(assigned, np.ndarray):
-        assigned = _get(assigned, "classes", "class_index", "labels")
-    if hasattr(assigned, "detach"):
-        assigned = assigned.detach().cpu().numpy()
-    return np.asarray(assigned, dtype=np.int64).reshape(-1)
+def select_classes(distribution: np.ndarray, resolution_angstrom: np.ndarray) -> np.ndarray:
+    """A minimal class selection: classes with a resolution estimate (not the 999 Å written for empty or
+    unsupported classes) that hold at least half their fair share ``0.5 / K`` of the particles."""
+    k = len(distribution)
+    return (resolution_angstrom < 999.0) & (distribution >= 0.5 / max(k, 1))
