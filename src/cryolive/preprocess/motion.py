@@ -1,0 +1,344 @@
+"""Global (full-frame) motion correction of a movie, dose-weighted summation and defect correction.
+
+Conventions (see docs/CONVENTIONS.md): frames are ``(t, h, w)`` float32 tensors of gain-corrected counts,
+row 0 first. ``shifts_yx_px[t]`` is the displacement of the specimen in frame ``t`` relative to frame 1
+(index 0), ``frame_t(r) ≈ frame_1(r − s_t)``, so frame ``t`` is aligned by shifting it by ``−s_t`` and the
+aligned sum lies in frame 1's coordinates.
+
+Method
+------
+1. Every frame is Fourier transformed once (in chunks); only the low-frequency block that the B-factor
+   weighting leaves visible is kept for alignment.
+2. Each frame is cross-correlated with the aligned sum of all *other* frames (leave-one-out, so that a
+   frame's own shot noise never correlates with itself and pulls shifts towards zero). The cross power
+   spectrum is weighted by ``exp(-B k² / 4)`` (``settings.bfactor_angstrom2``), its DC term removed.
+3. The integer peak of the correlation map is refined to sub-pixel precision with Newton steps on the
+   band-limited correlation function itself (evaluated exactly in Fourier space), so there is no
+   interpolation bias of a parabola fit.
+4. Steps 2–3 repeat with the updated reference until the shifts change by less than 0.01 px or
+   ``settings.max_iterations`` is reached. An optional smoothness prior (``smoothness > 0``) regularises the
+   trajectory with a second-difference penalty, useful at very low dose per frame.
+5. The aligned frames are summed plainly and with dose weights (Grant & Grigorieff 2015): frame ``t``
+   gets ``q_t(k) · sqrt(T / Σ_t q_t(k)²)``, with ``q_t = ctf.dose_filter_2d`` at the frame's mid exposure,
+   so each frequency keeps the noise power of the plain sum and the mean (DC, q = 1) equals the plain sum's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import MotionSettings
+from ..ctf import dose_filter_2d
+from ..fourier import good_fft_size, phase_shift_2d
+
+__all__ = [
+    "MotionResult",
+    "align_movie",
+    "accumulated_motion",
+    "detect_hot_pixels",
+    "correct_defects",
+]
+
+_CHUNK = 8  # frames transformed at once (bounds memory for large movies)
+
+
+@dataclass
+class MotionResult:
+    """Result of :func:`align_movie`.
+
+    shifts_yx_px: ``(t, 2)`` specimen displacement of every frame relative to frame 1, pixels, (y, x).
+    micrograph: ``(h, w)`` aligned, dose-weighted sum (same mean as the plain sum); equals the plain sum
+        when dose weighting is switched off.
+    micrograph_nodw: ``(h, w)`` aligned plain sum.
+    power_spectrum: optional ``(h, w//2+1)`` power spectrum; not computed by the global aligner (None).
+    accum_motion_total/early/late: RELION's accumulated motion, Å (sum of frame-to-frame displacements;
+        early = displacements while the exposure is ≤ 4 e/Å², late = the rest).
+    n_iterations: alignment iterations used.
+    """
+
+    shifts_yx_px: torch.Tensor
+    micrograph: torch.Tensor
+    micrograph_nodw: torch.Tensor
+    power_spectrum: torch.Tensor | None
+    accum_motion_total: float
+    accum_motion_early: float
+    accum_motion_late: float
+    n_iterations: int
+
+
+def _alignment_crop(shape: tuple[int, int], pixel_size_angstrom: float, bfactor: float) -> tuple[int, int]:
+    """Even FFT-friendly box ``(hc, wc)`` holding the frequencies where the B weight exceeds ~2 %."""
+    h, w = shape
+    if bfactor > 0:
+        k_cut = math.sqrt(4.0 * math.log(50.0) / bfactor) * pixel_size_angstrom  # cycles/px
+    else:
+        k_cut = 0.5
+    k_cut = min(k_cut, 0.5)
+    hc = min(h, good_fft_size(int(math.ceil(2 * k_cut * h))))
+    wc = min(w, good_fft_size(int(math.ceil(2 * k_cut * w))))
+    hc -= hc % 2
+    wc -= wc % 2
+    return max(hc, 2), max(wc, 2)
+
+
+def _crop_rfft(ft: torch.Tensor, h: int, hc: int, wc: int) -> torch.Tensor:
+    """Low-frequency block ``(..., hc, wc//2+1)`` of an rfft ``(..., h, w//2+1)``."""
+    return torch.cat([ft[..., : hc // 2, : wc // 2 + 1], ft[..., h - hc // 2 :, : wc // 2 + 1]], dim=-2)
+
+
+def _crop_frequencies(h: int, w: int, hc: int, wc: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frequencies (cycles per full-size pixel) of the samples of :func:`_crop_rfft`, each ``(hc, wc//2+1)``."""
+    ky_full = torch.fft.fftfreq(h, device=device)
+    ky = torch.cat([ky_full[: hc // 2], ky_full[h - hc // 2 :]])
+    kx = torch.arange(wc // 2 + 1, device=device, dtype=torch.float32) / w
+    return torch.meshgrid(ky, kx, indexing="ij")
+
+
+def _rfft_weights(hc: int, wc: int, device) -> torch.Tensor:
+    """Multiplicity of rfft columns in a full-plane sum: 1 for DC and Nyquist columns, 2 otherwise."""
+    m = torch.full((wc // 2 + 1,), 2.0, device=device)
+    m[0] = 1.0
+    if wc % 2 == 0:
+        m[-1] = 1.0
+    return m.expand(hc, wc // 2 + 1)
+
+
+def _refine_peaks(
+    cps: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, mult: torch.Tensor, s0: torch.Tensor, step_px: float
+) -> torch.Tensor:
+    """Newton refinement of the maxima of ``f(s) = Σ_k Re(C(k) e^{2πi k·s})``.
+
+    cps: ``(t, hc, wc')`` weighted cross power spectra (rfft layout, ``mult`` column multiplicities);
+    ky, kx: frequencies in cycles/px; s0: ``(t, 2)`` starting points (integer-grid peaks) in px.
+    Steps are limited to ``step_px`` per iteration; a non-concave point falls back to the start.
+    """
+    two_pi = 2.0 * math.pi
+    c = cps * mult
+    s = s0.clone()
+    for _ in range(6):
+        phase = two_pi * (ky * s[:, 0, None, None] + kx * s[:, 1, None, None])
+        z = c * torch.polar(torch.ones_like(phase), phase)
+        re, im = z.real, z.imag
+        gy = -two_pi * (ky * im).sum((-2, -1))
+        gx = -two_pi * (kx * im).sum((-2, -1))
+        hyy = -(two_pi**2) * (ky * ky * re).sum((-2, -1))
+        hxx = -(two_pi**2) * (kx * kx * re).sum((-2, -1))
+        hxy = -(two_pi**2) * (ky * kx * re).sum((-2, -1))
+        det = hyy * hxx - hxy * hxy
+        concave = (hyy < 0) & (det > 0)
+        det = torch.where(concave, det, torch.ones_like(det))
+        dy = -(hxx * gy - hxy * gx) / det
+        dx = -(-hxy * gy + hyy * gx) / det
+        d = torch.stack([dy, dx], -1)
+        d = torch.where(concave[:, None], d, torch.zeros_like(d))
+        norm = d.norm(dim=-1, keepdim=True)
+        d = d * torch.clamp(step_px / norm.clamp(min=1e-12), max=1.0)
+        s = s + d
+        if float(norm.max()) < 1e-4:
+            break
+    # never wander further than one coarse grid step from the integer peak
+    off = s - s0
+    too_far = off.norm(dim=-1) > 1.5 * step_px
+    return torch.where(too_far[:, None], s0, s)
+
+
+def _smooth_trajectory(shifts: torch.Tensor, smoothness: float) -> torch.Tensor:
+    """Penalised least squares ``argmin |x − s|² + λ |D² x|²`` per axis (D² = second difference), ``(t, 2)``."""
+    t = shifts.shape[0]
+    if smoothness <= 0 or t < 3:
+        return shifts
+    eye = torch.eye(t, dtype=torch.float64, device=shifts.device)
+    d2 = eye[:-2] - 2 * eye[1:-1] + eye[2:]
+    a = eye + smoothness * d2.T @ d2
+    return torch.linalg.solve(a, shifts.to(torch.float64)).to(shifts.dtype)
+
+
+def accumulated_motion(
+    shifts_yx_px: torch.Tensor, pixel_size_angstrom: float, dose_per_frame: float, pre_exposure: float = 0.0
+) -> tuple[float, float, float]:
+    """RELION's accumulated motion (total, early, late) in Å from a trajectory ``(t, 2)`` in pixels.
+
+    The displacement between frames ``i-1`` and ``i`` counts as early when the exposure at the start of
+    frame ``i`` (``pre_exposure + i·dose_per_frame``) is ≤ 4 e/Å², late otherwise.
+    """
+    s = shifts_yx_px.detach().to(torch.float64).cpu()
+    if s.shape[0] < 2:
+        return 0.0, 0.0, 0.0
+    step = (s[1:] - s[:-1]).norm(dim=-1) * pixel_size_angstrom  # (t-1,)
+    exposure = pre_exposure + dose_per_frame * torch.arange(1, s.shape[0], dtype=torch.float64)
+    early = exposure <= 4.0
+    return float(step.sum()), float(step[early].sum()), float(step[~early].sum())
+
+
+def align_movie(
+    frames: torch.Tensor,
+    pixel_size_angstrom: float,
+    dose_per_frame: float,
+    voltage_kv: float = 300.0,
+    settings: MotionSettings = MotionSettings(),
+    pre_exposure: float = 0.0,
+    smoothness: float = 0.0,
+    max_shift_px: float | None = None,
+) -> MotionResult:
+    """Align the frames of a movie globally and sum them (plain and dose-weighted).
+
+    frames: ``(t, h, w)`` gain-corrected counts (any real dtype; computed in float32 on ``frames.device``).
+    pixel_size_angstrom: Å/px; dose_per_frame: e/Å² per frame; voltage_kv: kV (for the dose filter);
+    pre_exposure: e/Å² received before frame 1.
+    settings: ``bfactor_angstrom2`` (weight ``exp(-B k²/4)`` on the cross power spectrum),
+        ``max_iterations``, ``dose_weighting``.
+    smoothness: weight λ of a second-difference prior on the trajectory (0: none; ~1–10 at very low dose).
+    max_shift_px: largest shift searched relative to the reference (default: a quarter of the frame).
+
+    Returns a :class:`MotionResult`; the inputs are not modified.
+    """
+    if frames.ndim != 3:
+        raise ValueError(f"align_movie: frames must be (t, h, w), got {tuple(frames.shape)}")
+    t, h, w = frames.shape
+    dev = frames.device
+    if max_shift_px is None:
+        max_shift_px = min(h, w) / 4
+    hc, wc = _alignment_crop((h, w), pixel_size_angstrom, settings.bfactor_angstrom2)
+    ky, kx = _crop_frequencies(h, w, hc, wc, dev)  # cycles/px, (hc, wc')
+    mult = _rfft_weights(hc, wc, dev)
+    k2 = (ky**2 + kx**2) / pixel_size_angstrom**2  # 1/Å²
+    weight = torch.exp(-settings.bfactor_angstrom2 * k2 / 4.0)
+    weight[0, 0] = 0.0
+
+    # low-frequency transforms of all frames, (t, hc, wc')
+    small = torch.empty(t, hc, wc // 2 + 1, dtype=torch.complex64, device=dev)
+    for i in range(0, t, _CHUNK):
+        ft = torch.fft.rfft2(frames[i : i + _CHUNK].to(torch.float32))
+        small[i : i + _CHUNK] = _crop_rfft(ft, h, hc, wc)
+    # integer-grid step of the cropped correlation map in full-size pixels, and its search window
+    step_y, step_x = h / hc, w / wc
+    gy = torch.fft.fftfreq(hc, d=1.0 / hc, device=dev) * step_y  # (hc,) full px
+    gx = torch.fft.fftfreq(wc, d=1.0 / wc, device=dev) * step_x
+    window = (gy[:, None] ** 2 + gx[None, :] ** 2) <= max_shift_px**2  # (hc, wc)
+
+    shifts = torch.zeros(t, 2, dtype=torch.float32, device=dev)
+    n_iter = 0
+    if t > 1:
+        for n_iter in range(1, settings.max_iterations + 1):
+            # frame t aligned: shift by -s_t
+            ph = 2.0 * math.pi * (ky * shifts[:, 0, None, None] + kx * shifts[:, 1, None, None])
+            aligned = small * torch.polar(torch.ones_like(ph), ph)
+            total = aligned.sum(0)
+            ref = total[None] - aligned  # leave-one-out references, (t, hc, wc')
+            cps = small * ref.conj() * weight  # peak at +s_t
+            cc = torch.fft.irfft2(cps, s=(hc, wc))
+            cc = torch.where(window, cc, torch.full_like(cc, -torch.inf))
+            idx = cc.flatten(1).argmax(1)
+            iy, ix = idx // wc, idx % wc
+            s0 = torch.stack([gy[iy], gx[ix]], -1)
+            new = _refine_peaks(cps, ky, kx, mult, s0, max(step_y, step_x))
+            new = _smooth_trajectory(new, smoothness)
+            new = new - new[0:1]
+            change = float((new - shifts).norm(dim=-1).max())
+            shifts = new
+            if change < 0.01:
+                break
+
+    mic, mic_nodw = _sum_frames(frames, shifts, pixel_size_angstrom, dose_per_frame, voltage_kv,
+                                pre_exposure, settings.dose_weighting)
+    total_m, early_m, late_m = accumulated_motion(shifts, pixel_size_angstrom, dose_per_frame, pre_exposure)
+    return MotionResult(
+        shifts_yx_px=shifts,
+        micrograph=mic,
+        micrograph_nodw=mic_nodw,
+        power_spectrum=None,
+        accum_motion_total=total_m,
+        accum_motion_early=early_m,
+        accum_motion_late=late_m,
+        n_iterations=n_iter,
+    )
+
+
+def _sum_frames(
+    frames: torch.Tensor,
+    shifts: torch.Tensor,
+    pixel_size_angstrom: float,
+    dose_per_frame: float,
+    voltage_kv: float,
+    pre_exposure: float,
+    dose_weighting: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned dose-weighted and plain sums ``(h, w)`` of ``frames (t, h, w)`` shifted by ``−shifts``."""
+    t, h, w = frames.shape
+    dev = frames.device
+    dose = pre_exposure + dose_per_frame * (torch.arange(t, device=dev, dtype=torch.float32) + 0.5)
+    # normalisation Σ_t q_t(k)² accumulated without holding all weights at once
+    norm = torch.zeros(h, w // 2 + 1, device=dev)
+    if dose_weighting:
+        for i in range(0, t, _CHUNK):
+            norm += (dose_filter_2d(dose[i : i + _CHUNK], (h, w), pixel_size_angstrom, voltage_kv) ** 2).sum(0)
+        scale = torch.sqrt(t / norm.clamp(min=1e-30))
+    plain = torch.zeros(h, w // 2 + 1, dtype=torch.complex64, device=dev)
+    dw = torch.zeros_like(plain)
+    for i in range(0, t, _CHUNK):
+        ft = torch.fft.rfft2(frames[i : i + _CHUNK].to(torch.float32))
+        ft = ft * phase_shift_2d(-shifts[i : i + _CHUNK], (h, w))
+        plain += ft.sum(0)
+        if dose_weighting:
+            q = dose_filter_2d(dose[i : i + _CHUNK], (h, w), pixel_size_angstrom, voltage_kv)
+            dw += (ft * q).sum(0)
+    mic_nodw = torch.fft.irfft2(plain, s=(h, w))
+    mic = torch.fft.irfft2(dw * scale, s=(h, w)) if dose_weighting else mic_nodw.clone()
+    return mic, mic_nodw
+
+
+def _local_median_3x3(image: torch.Tensor) -> torch.Tensor:
+    """Median of the 3×3 neighbourhood (edges replicated) of ``image (h, w)``."""
+    padded = torch.nn.functional.pad(image[None, None], (1, 1, 1, 1), mode="replicate")[0, 0]
+    h, w = image.shape
+    stack = torch.stack([padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], 0)
+    return stack.median(0).values
+
+
+def detect_hot_pixels(frames_sum: torch.Tensor, n_sigma: float = 6.0) -> torch.Tensor:
+    """Boolean mask ``(h, w)`` of hot pixels in a (gain-corrected) sum of frames ``(h, w)``.
+
+    A pixel is hot when it exceeds the median of its 3×3 neighbourhood by more than ``n_sigma`` robust
+    standard deviations of that residual (1.4826 × median absolute deviation over the image). Particles
+    and other real features span many pixels, so the local median follows them and they are not flagged.
+    """
+    img = frames_sum.to(torch.float32)
+    resid = img - _local_median_3x3(img)
+    flat = resid.flatten()
+    if flat.numel() > 2_000_000:  # robust scale from a regular subsample
+        flat = flat[:: flat.numel() // 1_000_000]
+    med = flat.median()
+    sigma = 1.4826 * (flat - med).abs().median()
+    sigma = torch.clamp(sigma, min=1e-6)
+    return (resid - med) > n_sigma * sigma
+
+
+def correct_defects(frames: torch.Tensor, mask: torch.Tensor, radius_px: int = 2) -> torch.Tensor:
+    """Replace the pixels in ``mask (h, w)`` of every frame ``(t, h, w)`` (or one image ``(h, w)``).
+
+    Each flagged pixel gets the mean of the unflagged pixels of the same frame within a
+    ``(2·radius_px+1)²`` window (or the frame mean if there are none). Returns a new tensor.
+    """
+    out = frames.clone()
+    if not bool(mask.any()):
+        return out
+    single = out.ndim == 2
+    if single:
+        out = out[None]
+    h, w = out.shape[-2:]
+    yy, xx = torch.nonzero(mask, as_tuple=True)  # (n,)
+    offs = torch.arange(-radius_px, radius_px + 1, device=out.device)
+    oy, ox = torch.meshgrid(offs, offs, indexing="ij")
+    ny = (yy[:, None] + oy.flatten()[None]).clamp(0, h - 1)  # (n, m)
+    nx = (xx[:, None] + ox.flatten()[None]).clamp(0, w - 1)
+    good = (~mask[ny, nx]).to(out.dtype)  # (n, m)
+    vals = out[:, ny, nx]  # (t, n, m)
+    count = good.sum(-1)  # (n,)
+    fill = (vals * good).sum(-1) / count.clamp(min=1)  # (t, n)
+    frame_mean = out.flatten(1).mean(1, keepdim=True).expand_as(fill)
+    fill = torch.where(count[None] > 0, fill, frame_mean)
+    out[:, yy, xx] = fill
+    return out[0] if single else out
