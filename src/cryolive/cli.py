@@ -1,0 +1,275 @@
+"""cryolive: live cryo-EM processing, from movies to particles and streaming 2D classes.
+
+Commands:
+
+\b
+  process   process the movies that are there, to the end of the pipeline, and exit
+  live      watch a folder and process movies as the microscope writes them (resumes on restart)
+  simulate  write a simulated dataset with its ground truth (and optionally replay it into a folder)
+
+Examples:
+
+\b
+  cryolive simulate data_sim --n-movies 8 --size 1024 --frames 24
+  cryolive process data_sim/movies --out out --pixel-size 1.0 --voltage 300 --cs 2.7 --dose-per-frame 1.0 --gain data_sim/gain.mrc
+  cryolive live demo_watch --out demo_out --pixel-size 1.0 --dose-per-frame 1.0 --stop-after-idle 60
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+
+log = logging.getLogger("cryolive")
+
+# ---------------------------------------------------------------------------------------------- options
+PIXEL_SIZE = typer.Option(..., "--pixel-size", help="pixel size of the movie frames, Å")
+VOLTAGE = typer.Option(300.0, "--voltage", help="acceleration voltage, kV")
+CS = typer.Option(2.7, "--cs", help="spherical aberration, mm")
+AMPLITUDE = typer.Option(0.1, "--amplitude-contrast", help="fraction of amplitude contrast")
+DOSE = typer.Option(..., "--dose-per-frame", help="dose per movie frame, e/Å²")
+GAIN = typer.Option(None, "--gain", help="gain reference (MRC or TIFF), multiplicative: corrected = raw × gain")
+GAIN_FLIP = typer.Option(False, "--gain-flip-y", help="flip the gain reference in Y (rows) before use")
+DIAMETER = typer.Option(150.0, "--particle-diameter", help="particle diameter, Å")
+SYMMETRY = typer.Option("C1", "--symmetry", help="point-group symmetry (for 3D)")
+DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto")
+WORKERS = typer.Option(2, "--workers", help="worker processes for the per-exposure stages (0: in this process)")
+N_CLASSES = typer.Option(20, "--classes", help="number of 2D classes")
+MIN_2D = typer.Option(500, "--min-particles-2d", help="particles needed before 2D classification starts")
+PATTERN = typer.Option("*.tif,*.tiff,*.mrc,*.mrcs,*.eer", "--pattern", help="movie file patterns, comma-separated")
+NO_DW = typer.Option(False, "--write-no-dw", help="also write the non-dose-weighted sums (<movie>_noDW.mrc)")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="log every exposure")
+
+
+def _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y, particle_diameter,
+              symmetry, device, workers, n_classes, min_particles_2d, pattern, write_no_dw):
+    from .config import Class2DSettings, MotionSettings, Optics, PickingSettings, Settings
+
+    return Settings(
+        optics=Optics(pixel_size_angstrom=pixel_size, voltage_kv=voltage, cs_mm=cs,
+                      amplitude_contrast=amplitude_contrast),
+        dose_per_frame=dose_per_frame,
+        gain_path=str(Path(gain).resolve()) if gain else None,
+        gain_flip_y=gain_flip_y,
+        motion=MotionSettings(write_no_dw=write_no_dw),
+        picking=PickingSettings(particle_diameter_angstrom=particle_diameter),
+        class2d=Class2DSettings(n_classes=n_classes, min_particles_to_start=min_particles_2d),
+        symmetry=symmetry, device=device, n_workers=workers, movie_pattern=pattern,
+    )
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _check_gain(settings) -> None:
+    """Fail fast on an unusable gain reference (every movie would fail with the same reason)."""
+    if settings.gain_path:
+        from .io.movies import MovieError, read_gain
+
+        try:
+            read_gain(settings.gain_path, flip_y=settings.gain_flip_y)
+        except MovieError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+
+
+class Progress:
+    """Live progress: a rich panel on a terminal, plain log lines otherwise (one per change, at most every 5 s)."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.tty = sys.stdout.isatty()
+        self._live = None
+        self._last_line = ""
+        self._last_time = 0.0
+
+    def __enter__(self):
+        if self.tty:
+            from rich.live import Live
+
+            self._live = Live(self._render(None), refresh_per_second=2, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def _render(self, st):
+        from rich.table import Table
+
+        table = Table(title=self.title, show_header=False)
+        if st is None:
+            table.add_row("status", "starting…")
+            return table
+        table.add_row("exposures done", str(st.n_done))
+        table.add_row("failed", str(st.n_failed))
+        table.add_row("queued / processing", f"{st.n_pending} / {st.n_processing}")
+        table.add_row("particles", str(st.n_particles))
+        table.add_row("exposures per hour", f"{st.exposures_per_hour:.0f}")
+        table.add_row("2D: particles classified", str(st.n_particles_classified))
+        table.add_row("2D: classes selected", str(st.n_classes))
+        if st.last_error:
+            table.add_row("last failure", st.last_error[:120])
+        return table
+
+    def __call__(self, st) -> None:
+        if self._live is not None:
+            self._live.update(self._render(st))
+            return
+        line = (f"done {st.n_done} failed {st.n_failed} queued {st.n_pending} processing {st.n_processing} "
+                f"particles {st.n_particles} rate {st.exposures_per_hour:.0f}/h "
+                f"2D {st.n_particles_classified} particles, {st.n_classes} classes")
+        now = time.monotonic()
+        if line != self._last_line and now - self._last_time >= 5.0:
+            print(time.strftime("%H:%M:%S"), line, flush=True)
+            self._last_line, self._last_time = line, now
+
+    def final(self, st) -> None:
+        if self._live is None:
+            self._last_time = 0.0
+            self._last_line = ""
+            self(st)
+
+
+def _summary(st, out: Path) -> None:
+    typer.echo(f"{st.n_done} exposures done, {st.n_failed} failed, {st.n_particles} particles; results in {out}")
+
+
+# ---------------------------------------------------------------------------------------------- process
+@app.command()
+def process(
+    movies: list[str] = typer.Argument(..., help="movie files, glob patterns or folders"),
+    out: Path = typer.Option(..., "--out", help="session folder (created; an existing one is resumed)"),
+    pixel_size: float = PIXEL_SIZE, voltage: float = VOLTAGE, cs: float = CS,
+    amplitude_contrast: float = AMPLITUDE, dose_per_frame: float = DOSE,
+    gain: Optional[Path] = GAIN, gain_flip_y: bool = GAIN_FLIP, particle_diameter: float = DIAMETER,
+    symmetry: str = SYMMETRY, device: str = DEVICE, workers: int = WORKERS, n_classes: int = N_CLASSES,
+    min_particles_2d: int = MIN_2D, pattern: str = PATTERN, write_no_dw: bool = NO_DW, verbose: bool = VERBOSE,
+):
+    """Process the movies that are there, to the end of the pipeline, and exit.
+
+    Movies already done in OUT are not processed again. A bad movie (truncated, corrupt, wrong frame size)
+    is recorded as failed with the reason and the others go on.
+
+    Example:
+
+    \b
+      cryolive process data_sim/movies --out out --pixel-size 1.0 --voltage 300 --cs 2.7 --dose-per-frame 1.0 --gain data_sim/gain.mrc
+    """
+    from .session.session import Session
+
+    _setup_logging(verbose)
+    settings = _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y,
+                         particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
+                         write_no_dw)
+    _check_gain(settings)
+    with Progress(f"cryolive process → {out}") as progress:
+        with Session(out, settings, progress=progress) as session:
+            st = session.process(movies)
+        progress.final(st)
+    _summary(st, out)
+
+
+# ---------------------------------------------------------------------------------------------- live
+@app.command()
+def live(
+    watch_dir: Path = typer.Argument(..., help="folder the microscope writes movies into (searched recursively)"),
+    out: Path = typer.Option(..., "--out", help="session folder (created; an existing one is resumed)"),
+    pixel_size: float = PIXEL_SIZE, voltage: float = VOLTAGE, cs: float = CS,
+    amplitude_contrast: float = AMPLITUDE, dose_per_frame: float = DOSE,
+    gain: Optional[Path] = GAIN, gain_flip_y: bool = GAIN_FLIP, particle_diameter: float = DIAMETER,
+    symmetry: str = SYMMETRY, device: str = DEVICE, workers: int = WORKERS, n_classes: int = N_CLASSES,
+    min_particles_2d: int = MIN_2D, pattern: str = PATTERN, write_no_dw: bool = NO_DW,
+    settle: float = typer.Option(3.0, "--settle", help="seconds a file's size and mtime must stay unchanged"),
+    stop_after_idle: Optional[float] = typer.Option(None, "--stop-after-idle",
+                                                    help="stop after this many seconds without new movies"),
+    max_exposures: Optional[int] = typer.Option(None, "--max-exposures",
+                                                help="stop once this many exposures are processed"),
+    poll: float = typer.Option(1.0, "--poll", help="seconds between two looks at the folder"),
+    verbose: bool = VERBOSE,
+):
+    """Watch a folder and process movies as they are written, until Ctrl-C or an idle timeout.
+
+    A movie is taken once its size and modification time have been unchanged for --settle seconds and its
+    header agrees with its size. Starting again on the same OUT resumes: movies done are not processed again
+    and the 2D classes are reloaded.
+
+    Example:
+
+    \b
+      cryolive live demo_watch --out demo_out --pixel-size 1.0 --dose-per-frame 1.0 --gain demo_sim/gain.mrc --stop-after-idle 60
+    """
+    from .session.session import Session
+
+    _setup_logging(verbose)
+    settings = _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y,
+                         particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
+                         write_no_dw)
+    _check_gain(settings)
+    watch_dir.mkdir(parents=True, exist_ok=True)
+    with Progress(f"cryolive live {watch_dir} → {out}") as progress:
+        with Session(out, settings, progress=progress) as session:
+            st = session.live(watch_dir, settle_s=settle, stop_after_idle_s=stop_after_idle,
+                              max_exposures=max_exposures, poll_s=poll)
+        progress.final(st)
+    _summary(st, out)
+
+
+# ---------------------------------------------------------------------------------------------- simulate
+@app.command()
+def simulate(
+    out: Path = typer.Argument(..., help="folder for the dataset (movies/, gain.mrc, truth/)"),
+    n_movies: int = typer.Option(8, "--n-movies", help="number of movies"),
+    size: int = typer.Option(1024, "--size", help="frame size in pixels (square)"),
+    frames: int = typer.Option(24, "--frames", help="frames per movie"),
+    pixel_size: float = typer.Option(1.0, "--pixel-size", help="pixel size, Å"),
+    dose_per_frame: float = typer.Option(1.0, "--dose-per-frame", help="dose per frame, e/Å²"),
+    fmt: str = typer.Option("mrc", "--format", help="movie format: mrc or tiff (LZW)"),
+    structure: str = typer.Option("6ny1", "--structure", help="bundled structure: 6ny1 or 3j5p"),
+    seed: int = typer.Option(0, "--seed", help="random seed"),
+    replay_into: Optional[Path] = typer.Option(None, "--replay-into",
+                                               help="then copy the movies into this folder at microscope pace"),
+    replay_interval: float = typer.Option(2.0, "--replay-interval", help="seconds between two replayed movies"),
+):
+    """Write a simulated dataset with its ground truth; optionally replay it into a watched folder.
+
+    With --replay-into, movies are written into that folder one after the other, each progressively (as a
+    microscope does), every --replay-interval seconds, as soon as they are simulated.
+
+    Examples:
+
+    \b
+      cryolive simulate data_sim --n-movies 8 --size 1024 --frames 24 --format tiff
+      cryolive simulate demo_sim --n-movies 20 --size 512 --replay-into demo_watch --replay-interval 2
+    """
+    from . import simulate as sim
+
+    if fmt not in ("mrc", "tiff"):
+        raise typer.BadParameter("--format must be mrc or tiff")
+    settings = sim.SimulationSettings(n_movies=n_movies, size_px=size, n_frames=frames,
+                                      pixel_size_angstrom=pixel_size, dose_per_frame=dose_per_frame,
+                                      movie_format=fmt, structure=structure, seed=seed)
+    if replay_into is None:
+        sim.simulate_dataset(out, settings)
+        typer.echo(f"{n_movies} movies written to {Path(out) / 'movies'}")
+    else:
+        sim.simulate_live(out, replay_into, settings, interval_s=replay_interval)
+        typer.echo(f"{n_movies} movies replayed into {replay_into}")
+
+
+def main() -> None:  # pragma: no cover - entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
