@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up a virtual environment and run the test suite; exits non-zero if any test fails.
+# Usage: bash scripts/test.sh [extra pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+if ! python -c "import torch" 2>/dev/null; then
+    python -m pip install --quiet torch==2.13.0
+fi
+python -m pip install --quiet -e '.[test]'
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+NPROC="$(nproc 2>/dev/null || echo 2)"
+if [ "$NPROC" -ge 2 ]; then
+    exec python -m pytest -n 2 "$@"
+fi
+exec python -m pytest "$@"
