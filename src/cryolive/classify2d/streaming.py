@@ -563,17 +563,25 @@ class StreamingClassifier2D:
 
     # ------------------------------------------------------------------ buffer
     def _remember(self, x, par, half):
-        """Reservoir sampling of particles into the bounded revisit buffer."""
-        for i in range(x.shape[0]):
-            self.n_seen += 1
-            if self.buf_images.shape[0] < self.buffer_size:
-                self.buf_images = torch.cat([self.buf_images, x[i : i + 1]])
-                self.buf_ctfpar = torch.cat([self.buf_ctfpar, par[i : i + 1]])
-                self.buf_half = torch.cat([self.buf_half, half[i : i + 1]])
-            else:
-                j = int(torch.randint(self.n_seen, (1,), generator=self.gen))
-                if j < self.buffer_size:
-                    self.buf_images[j], self.buf_ctfpar[j], self.buf_half[j] = x[i], par[i], half[i]
+        """Reservoir sampling (Vitter's algorithm R) of new particles into the bounded revisit buffer."""
+        n = x.shape[0]
+        free = max(0, min(n, self.buffer_size - self.buf_images.shape[0]))
+        if free:
+            self.buf_images = torch.cat([self.buf_images, x[:free]])
+            self.buf_ctfpar = torch.cat([self.buf_ctfpar, par[:free]])
+            self.buf_half = torch.cat([self.buf_half, half[:free]])
+        if free < n:
+            seen = torch.arange(self.n_seen + free + 1, self.n_seen + n + 1, dtype=torch.float64)
+            j = (torch.rand(n - free, generator=self.gen, dtype=torch.float64) * seen).long()
+            slot_of = {}  # later particles overwrite earlier ones in the same slot, as in the sequential rule
+            for i, jj in enumerate(j.tolist()):
+                if jj < self.buffer_size:
+                    slot_of[jj] = free + i
+            if slot_of:
+                slots = torch.tensor(list(slot_of.keys()), device=self.device)
+                src = torch.tensor(list(slot_of.values()), device=self.device)
+                self.buf_images[slots], self.buf_ctfpar[slots], self.buf_half[slots] = x[src], par[src], half[src]
+        self.n_seen += n
 
     def _halves(self, n: int) -> torch.Tensor:
         return (torch.arange(self.n_seen, self.n_seen + n, device=self.device) % 2).long()
