@@ -42,7 +42,8 @@ def main(argv=None) -> None:
 
         data = Path(tmp.name) / "sim"
         t0 = time.perf_counter()
-        simulate_dataset(data, SimulationSettings(n_movies=args.n_movies, size_px=args.size, n_frames=args.frames,
+        simulate_dataset(data, SimulationSettings(n_movies=args.n_movies, image_shape_px=(args.size, args.size),
+                                                  n_frames=args.frames,
                                                   pixel_size_angstrom=args.pixel_size,
                                                   dose_per_frame=args.dose_per_frame, seed=0))
         t_sim = time.perf_counter() - t0

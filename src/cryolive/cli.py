@@ -256,9 +256,9 @@ def simulate(
 
     if fmt not in ("mrc", "tiff"):
         raise typer.BadParameter("--format must be mrc or tiff")
-    settings = sim.SimulationSettings(n_movies=n_movies, size_px=size, n_frames=frames,
+    settings = sim.SimulationSettings(n_movies=n_movies, image_shape_px=(size, size), n_frames=frames,
                                       pixel_size_angstrom=pixel_size, dose_per_frame=dose_per_frame,
-                                      movie_format=fmt, structure=structure, seed=seed)
+                                      movie_format=fmt, structures=[structure], seed=seed)
     if replay_into is None:
         sim.simulate_dataset(out, settings)
         typer.echo(f"{n_movies} movies written to {Path(out) / 'movies'}")

@@ -109,3 +109,15 @@ def test_live_stopped_and_restarted_processes_each_movie_once(tmp_path, movie_wr
     mics = read_star(out / "exposures.star")["micrographs"]
     assert sorted(mics["rlnMicrographName"]) == [f"micrographs/m{i}.mrc" for i in range(5)]
     assert all(math.isfinite(v) for v in mics["rlnCtfMaxResolution"])
+
+
+def test_missing_gain_and_gain_of_the_wrong_shape(tmp_path, movie_writer, fake_stages, small_settings):
+    movie_writer(tmp_path / "a.mrc")
+    with mrcfile.new(tmp_path / "gain.mrc") as m:
+        m.set_data(np.ones((32, 32), np.float32))
+    for gain, reason in [(tmp_path / "none.mrc", "no such file"), (tmp_path / "gain.mrc", "differs from the movie")]:
+        settings = small_settings.model_copy(update={"gain_path": str(gain)})
+        with Session(tmp_path / f"out_{gain.stem}", settings, stages=fake_stages) as s:
+            s.process([tmp_path / "a.mrc"])
+            (exp,) = s.store.exposures()
+        assert exp.status == "failed" and reason in exp.error, exp.error

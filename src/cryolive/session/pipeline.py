@@ -136,6 +136,23 @@ def output_paths(out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
     }
 
 
+def _cached_gain(path: str, flip_y: bool, movie_shape: tuple[int, int]) -> np.ndarray:
+    """The gain reference, read once per worker process (re-read if the file changes). Do not modify it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return read_gain(path, flip_y=flip_y, movie_shape=movie_shape)  # raises MovieError with the reason
+    key = (str(path), bool(flip_y), tuple(movie_shape), st.st_size, st.st_mtime_ns)
+    if _GAIN_CACHE.get("key") != key:
+        _GAIN_CACHE.clear()
+        _GAIN_CACHE["gain"] = read_gain(path, flip_y=flip_y, movie_shape=movie_shape)
+        _GAIN_CACHE["key"] = key
+    return _GAIN_CACHE["gain"]
+
+
+_GAIN_CACHE: dict = {}
+
+
 def _to_float(x) -> float:
     if x is None:
         return float("nan")
@@ -221,7 +238,7 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
     outcome.frame_shape = tuple(movie.shape[1:])
     gain = None
     if settings.gain_path:
-        gain = read_gain(settings.gain_path, flip_y=settings.gain_flip_y, movie_shape=movie.shape[1:])
+        gain = _cached_gain(settings.gain_path, settings.gain_flip_y, tuple(movie.shape[1:]))
     frames = movie.read_all()  # (t, h, w) float32
     if gain is not None:
         frames *= gain[None]

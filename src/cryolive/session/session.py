@@ -113,8 +113,9 @@ class Session:
 
         self.out = Path(out_dir).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(settings.device)  # resolved once, passed down (workers get its name)
+        settings = settings.model_copy(update={"device": str(self.device)})
         self.settings = settings
-        self.device = resolve_device(settings.device)  # resolved once, passed down
         self.stages = stages
         self.store = SessionStore(self.out / "session.sqlite")
         previous = self.store.get_value("settings")
