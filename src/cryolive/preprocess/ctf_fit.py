@@ -114,6 +114,8 @@ def _fit_score(y: torch.Tensor, c2: torch.Tensor, basis_bg: torch.Tensor, basis_
                return_model: bool = False):
     """R² of the linear model ``y ≈ basis_bg·a + c2·(basis_env·b)`` (batched over leading dims of ``c2``).
 
+    Fits whose envelope ``basis_env·b`` is negative on average get ``−|R²|``.
+
     y: ``(n,)``; c2: ``(..., n)``; basis_bg: ``(n, p)``; basis_env: ``(n, q)``.
     """
     x = torch.cat([basis_bg.expand(*c2.shape, basis_bg.shape[-1]), c2[..., None] * basis_env], -1)
@@ -127,10 +129,12 @@ def _fit_score(y: torch.Tensor, c2: torch.Tensor, basis_bg: torch.Tensor, basis_
     rss = ((y64 - pred) ** 2).sum(-1)
     tss = ((y64 - y64.mean()) ** 2).sum()
     r2 = (1 - rss / tss).to(torch.float32)
+    # a negative envelope would turn CTF² into 1 − CTF² (a 90° phase alias): such fits score negative
+    p = basis_bg.shape[-1]
+    env = (basis_env.to(torch.float64) @ coef[..., p:, None])[..., 0]  # (..., n)
+    r2 = torch.where(env.mean(-1) > 0, r2, -r2.abs())
     if return_model:
-        p = basis_bg.shape[-1]
         bg = (basis_bg.to(torch.float64) @ coef[..., :p, None])[..., 0]
-        env = (basis_env.to(torch.float64) @ coef[..., p:, None])[..., 0]
         return r2, bg.to(torch.float32), env.to(torch.float32)
     return r2
 
