@@ -80,12 +80,13 @@ class Atoms:
 
         With ``centre=True`` the coordinates are moved so the centre of mass is at the origin.
         """
-        xyz = torch.as_tensor(np.asarray(coords, dtype=np.float64))
-        symbols = [_normalise_symbol(e) for e in elements_per_atom]
-        uniq = tuple(sorted(set(symbols)))
-        lookup = {e: i for i, e in enumerate(uniq)}
-        idx = torch.as_tensor([lookup[e] for e in symbols], dtype=torch.int64)
-        if centre and len(symbols):
+        xyz = torch.as_tensor(np.asarray(coords, dtype=np.float64)).reshape(-1, 3)
+        raw_uniq, inverse = np.unique(np.asarray(elements_per_atom, dtype=str), return_inverse=True)
+        norm = [_normalise_symbol(e) for e in raw_uniq]
+        uniq = tuple(sorted(set(norm)))
+        lookup = np.array([uniq.index(e) for e in norm], dtype=np.int64)
+        idx = torch.as_tensor(lookup[inverse.reshape(-1)], dtype=torch.int64)
+        if centre and len(idx):
             mass = torch.as_tensor([_element(e).weight for e in uniq], dtype=torch.float64)[idx]
             xyz = xyz - (xyz * mass[:, None]).sum(0) / mass.sum()
         return Atoms(xyz.to(torch.float32), idx, uniq, name)
@@ -247,31 +248,40 @@ def _rfft_freqs(shape: tuple[int, ...], spacing: float) -> list[torch.Tensor]:
 def _scatter_linear(
     grid: torch.Tensor, pos: torch.Tensor, channel: torch.Tensor, shape: tuple[int, ...]
 ) -> None:
-    """Add unit weights of points ``pos (b, n, d)`` (grid units, last coordinate fastest axis order
-    already matching ``shape``) into flat ``grid (b·C·prod(shape),)`` with (bi/tri)linear weights.
+    """Add unit weights of points ``pos (b, n, d)`` (grid units, axes in the order of ``shape``) into the
+    flat ``grid (b·C·prod(shape),)`` with (bi/tri)linear weights; ``channel (n,)`` picks the channel.
 
-    ``channel (n,)`` picks the channel per point; points outside are dropped.
+    Points (corners) outside the grid get zero weight.
     """
     b, n, d = pos.shape
-    base = torch.floor(pos)
-    frac = pos - base
-    base = base.long()
+    base_f = torch.floor(pos)
+    frac = pos - base_f
+    base = base_f.long()
     n_ch = grid.numel() // (b * math.prod(shape))
-    batch_off = (torch.arange(b).view(b, 1) * n_ch + channel.view(1, n)) * math.prod(shape)  # (b, n)
-    for corner in range(2**d):
-        idx = batch_off.clone()
-        w = torch.ones(b, n, dtype=grid.dtype)
-        valid = torch.ones(b, n, dtype=torch.bool)
-        stride = 1
-        for ax in reversed(range(d)):
-            bit = (corner >> (d - 1 - ax)) & 1
+    offset = (torch.arange(b).view(b, 1) * n_ch + channel.view(1, n)) * math.prod(shape)  # (b, n)
+    # per axis and corner bit: flat index term and weight (zero outside the grid)
+    terms = []
+    stride = 1
+    strides = [0] * d
+    for ax in reversed(range(d)):
+        strides[ax] = stride
+        stride *= shape[ax]
+    for ax in range(d):
+        per_bit = []
+        for bit in (0, 1):
             i = base[..., ax] + bit
-            f = frac[..., ax]
-            w = w * (f if bit else 1 - f)
-            valid &= (i >= 0) & (i < shape[ax])
-            idx = idx + i.clamp(0, shape[ax] - 1) * stride
-            stride *= shape[ax]
-        grid.index_add_(0, idx[valid], w[valid])
+            w = frac[..., ax] if bit else 1 - frac[..., ax]
+            inside = (i >= 0) & (i < shape[ax])
+            per_bit.append((i.clamp_(0, shape[ax] - 1) * strides[ax], w * inside))
+        terms.append(per_bit)
+    for corner in range(2**d):
+        idx = offset
+        w = None
+        for ax in range(d):
+            it, wt = terms[ax][(corner >> ax) & 1]
+            idx = idx + it
+            w = wt if w is None else w * wt
+        grid.index_add_(0, idx.reshape(-1), w.reshape(-1).to(grid.dtype))
 
 
 def _render(
