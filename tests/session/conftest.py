@@ -4,6 +4,7 @@ the end-to-end test runs cryolive's real algorithms)."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import mrcfile
@@ -35,6 +36,15 @@ def sum_frames(frames, pixel_size_angstrom, dose_per_frame, voltage_kv, settings
     return SimpleNamespace(shifts_yx_px=torch.zeros(t, 2), micrograph=total, micrograph_nodw=total.clone(),
                            power_spectrum=None, accum_motion_total=0.0, accum_motion_early=0.0,
                            accum_motion_late=0.0)
+
+
+def sum_frames_or_die(frames, pixel_size_angstrom, dose_per_frame, voltage_kv, settings):
+    """Fault injection: the worker process dies (as on a segfault or the OOM killer) on 3-frame movies."""
+    if frames.shape[0] == 3:
+        import os
+
+        os._exit(3)
+    return sum_frames(frames, pixel_size_angstrom, dose_per_frame, voltage_kv, settings)
 
 
 def fixed_ctf(image, pixel_size_angstrom, voltage_kv, cs_mm, amplitude_contrast, settings):
@@ -80,9 +90,27 @@ def movie_writer():
     return write_movie
 
 
+def _no_hot_pixels(frames_sum):
+    return torch.zeros(frames_sum.shape, dtype=torch.bool)
+
+
+def _unchanged(frames, mask):
+    return frames
+
+
+FAKE_STAGES = dataclasses.replace(FAKE_STAGES, detect_hot_pixels=_no_hot_pixels, correct_defects=_unchanged)
+CRASHING_STAGES = dataclasses.replace(FAKE_STAGES, align_movie=sum_frames_or_die)
+
+
 @pytest.fixture
 def fake_stages():
     return FAKE_STAGES
+
+
+@pytest.fixture
+def crashing_stages():
+    """Like ``fake_stages``, but the worker process dies on movies of 3 frames (module-level: picklable)."""
+    return CRASHING_STAGES
 
 
 @pytest.fixture

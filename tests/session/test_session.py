@@ -121,3 +121,20 @@ def test_missing_gain_and_gain_of_the_wrong_shape(tmp_path, movie_writer, fake_s
             s.process([tmp_path / "a.mrc"])
             (exp,) = s.store.exposures()
         assert exp.status == "failed" and reason in exp.error, exp.error
+
+
+def test_worker_process_dying_fails_only_its_movie(tmp_path, movie_writer, crashing_stages, small_settings):
+    """Worker processes (spawn) really run the chain; a worker that dies is replaced and its movie retried,
+    then recorded failed; the other movies complete."""
+    movies = tmp_path / "movies"
+    movies.mkdir()
+    movie_writer(movies / "a.mrc", t=4)
+    movie_writer(movies / "dies.mrc", t=3)
+    movie_writer(movies / "b.mrc", t=4, seed=2)
+    settings = small_settings.model_copy(update={"n_workers": 2})  # all three in flight at once
+    with Session(tmp_path / "out", settings, stages=crashing_stages, max_attempts=2) as s:
+        status = s.process([movies])
+        by_name = {e.name: e for e in s.store.exposures()}
+    assert status.n_done == 2 and status.n_failed == 1
+    assert by_name["dies"].status == "failed" and "worker process died 2 times" in by_name["dies"].error
+    assert by_name["a"].status == by_name["b"].status == "done"

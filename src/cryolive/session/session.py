@@ -132,6 +132,8 @@ class Session:
         self.output_interval_s = float(output_interval_s)
         self.max_attempts = int(max_attempts)
         self._in_flight: dict[cf.Future, int] = {}
+        self._suspects: set[int] = set()  # exposures in flight when a worker died
+        self._crashes: dict[int, int] = {}  # exposure id → worker deaths while it ran alone
         self._last_output = 0.0
         self._dirty = False
         self._particles_cache: dict[int, object] = {}
@@ -174,7 +176,14 @@ class Session:
     def _submit_pending(self) -> None:
         capacity = getattr(self.executor, "capacity", 1)
         busy = set(self._in_flight.values())
-        for exp in self.store.exposures("pending"):
+        pending = self.store.exposures("pending")
+        suspects = [e for e in pending if e.id in self._suspects]
+        if suspects:  # after a worker crash: suspects run alone until each has finished once
+            if not self._in_flight:
+                pending = suspects[:1]
+            else:
+                return
+        for exp in pending:
             if len(self._in_flight) >= capacity:
                 break
             if exp.id in busy:
@@ -193,6 +202,8 @@ class Session:
         done, _ = cf.wait(list(self._in_flight), timeout=timeout, return_when=cf.FIRST_COMPLETED)
         n = 0
         for fut in done:
+            if fut not in self._in_flight:  # already requeued after a worker crash
+                continue
             eid = self._in_flight.pop(fut)
             try:
                 outcome = fut.result()
@@ -210,21 +221,38 @@ class Session:
         return n
 
     def _worker_crashed(self, eid: int, exc: BaseException) -> None:
-        exp = self.store.get_exposure(eid)
-        log.warning("a worker died while processing %s: %s", exp.name, exc)
-        if exp.attempts >= self.max_attempts:
-            self.store.mark_failed(eid, f"worker process died {exp.attempts} times: {exc}")
+        """A worker process died (segfault, out of memory, killed): the pool is gone with its tasks.
+
+        The tasks that were in flight are suspects: they are requeued and then run one at a time, so that a
+        crash can be pinned on one movie. A movie that crashes a worker on its own ``max_attempts`` times is
+        recorded as failed; the others go on.
+        """
+        ids = [eid] + list(self._in_flight.values())
+        self._in_flight.clear()
+        if len(ids) == 1:
+            self._crashes[eid] = self._crashes.get(eid, 0) + 1
+            name = self.store.get_exposure(eid).name
+            log.warning("a worker died while processing %s alone (%d times): %s", name, self._crashes[eid], exc)
+            if self._crashes[eid] >= self.max_attempts:
+                self.store.mark_failed(eid, f"worker process died {self._crashes[eid]} times on this movie: {exc}")
+                self._suspects.discard(eid)
+                self.last_error = f"{name}: worker process died"
+                self._dirty = True
+            else:
+                self.store.mark_pending(eid, f"worker process died: {exc}")
+                self._suspects.add(eid)
         else:
-            self.store.mark_pending(eid, f"worker process died: {exc}")
-        for fut, other in list(self._in_flight.items()):  # the whole pool is gone; requeue its tasks
-            self._in_flight.pop(fut)
-            self.store.mark_pending(other)
+            log.warning("a worker died with %d exposures in flight; retrying them one at a time", len(ids))
+            for i in ids:
+                self.store.mark_pending(i, f"worker process died: {exc}")
+                self._suspects.add(i)
         self.executor.restart()
 
     def _record(self, eid: int, outcome: ExposureOutcome) -> None:
         """Record a worker's outcome (its files are already written)."""
         exp = self.store.get_exposure(eid)
         self._dirty = True
+        self._suspects.discard(eid)
         if outcome.ok:
             for st in outcome.stages:
                 self.store.record_stage(eid, st.stage, st.settings_hash, st.metrics, st.outputs)
