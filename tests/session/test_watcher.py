@@ -17,6 +17,7 @@ def test_candidates_ignore_hidden_and_temporary_files():
     assert not is_candidate(".a.tif", pats)
     assert not is_candidate("a.tif.tmp", pats)
     assert not is_candidate("a.txt", pats)
+    assert not is_candidate("gain.mrc", pats) and not is_candidate("K3_Gain_ref.tif", pats)
 
 
 def test_file_being_written_is_not_taken_until_complete_and_settled(tmp_path, movie_writer):

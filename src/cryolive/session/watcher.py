@@ -1,8 +1,8 @@
 """Watch a folder for new movies and hand over only those that are finished.
 
 The rule, plainly: a file is taken when (1) its name matches one of the movie patterns (hidden and temporary
-files are ignored), (2) its size and modification time have not changed for ``settle_s`` seconds, and
-(3) :func:`cryolive.io.movies.validate_movie` agrees that its header matches its size. A file that stays
+files, and detector references named ``*gain*``, ``*dark*`` or ``*defect*``, are ignored), (2) its size and
+modification time have not changed for ``settle_s`` seconds, and (3) :func:`cryolive.io.movies.validate_movie` agrees that its header matches its size. A file that stays
 unchanged but incomplete or unreadable for ``give_up_s`` seconds is reported as failed with the reason.
 Files already known (in the session store, or taken before) are ignored. Polling only; no extra dependency.
 
@@ -34,11 +34,18 @@ def split_patterns(patterns: str | list[str] | tuple[str, ...]) -> list[str]:
     return [p.strip() for p in patterns if p.strip()]
 
 
+REFERENCE_WORDS = ("gain", "defect", "dark")
+
+
 def is_candidate(name: str, patterns: list[str]) -> bool:
-    """Whether a file name is a movie to consider (matches a pattern; not hidden, not a temporary file)."""
+    """Whether a file name is a movie to consider: it matches a pattern, is not hidden or temporary, and is
+    not a detector reference (a gain, dark or defect file lying beside the movies, e.g. ``gain.mrc``)."""
     if name.startswith((".", "~", "#")) or name.lower().endswith(TEMP_SUFFIXES):
         return False
     low = name.lower()
+    stem = low.rsplit(".", 1)[0]
+    if any(word in stem for word in REFERENCE_WORDS):
+        return False
     return any(fnmatch.fnmatch(low, p.lower()) for p in patterns)
 
 
