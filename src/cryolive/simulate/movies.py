@@ -7,7 +7,7 @@ Per micrograph (randomness from ``(seed, index)``):
    heights spread through the ice;
 2. projected potential of all of them on the full frame (solvent displaced), plus an amorphous-ice
    field (:mod:`cryolive.simulate.physics`);
-3. CTF per particle at its own defocus (micrograph defocus + stage-tilt plane + height): the frame is
+3. CTF (with an imaging envelope ``exp(−B_env k²/4)``) per particle at its own defocus (micrograph defocus + stage-tilt plane + height): the frame is
    split into defocus slabs of ``defocus_step_angstrom`` and each slab gets its own CTF on the full
    frame (so delocalisation is exact); the ice follows the tilted plane by linear interpolation
    between slabs;
@@ -65,7 +65,10 @@ class SimulationSettings(BaseModel):
     tilt_axis_deg: float | None = Field(None, description="None: random per micrograph")
     ice_thickness_range_angstrom: tuple[float, float] = (200.0, 500.0)
     particle_height_spread: bool = True
-    bfactor_angstrom2: float = 20.0
+    bfactor_angstrom2: float = Field(20.0, description="B-factor of the particles' atoms, Å²")
+    envelope_bfactor_angstrom2: float = Field(
+        60.0, description="imaging envelope (partial coherence, detector MTF, intra-frame motion) on all signal, Å²"
+    )
     max_drift_angstrom: float = 20.0
     local_motion_angstrom: float = 3.0
     gain_variation: float = 0.1
@@ -322,7 +325,8 @@ class MovieSimulator:
 
         def ctf_at(mean_defocus: float) -> torch.Tensor:
             u = mean_defocus + astig / 2
-            return calculate_ctf_2d(u, u - astig, da, s.voltage_kv, s.cs_mm, s.amplitude_contrast, p, (h, w))
+            return calculate_ctf_2d(u, u - astig, da, s.voltage_kv, s.cs_mm, s.amplitude_contrast, p, (h, w),
+                                    bfactor_angstrom2=s.envelope_bfactor_angstrom2)
 
         # specimen: one slab per defocus bin of the objects
         spec_ft = torch.zeros(h, w // 2 + 1, dtype=torch.complex64)

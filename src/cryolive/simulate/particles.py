@@ -58,6 +58,7 @@ def simulate_particle_stack(
     junk_fraction: float = 0.0,
     max_shift_px: float = 0.0,
     bfactor_angstrom2: float = 20.0,
+    envelope_bfactor_angstrom2: float = 60.0,
     structure_weights: list[float] | None = None,
     oversampling: int = 1,
     seed: int = 0,
@@ -77,6 +78,8 @@ def simulate_particle_stack(
         junk_fraction: fraction of images that are random aggregates of comparable size (label −1).
         max_shift_px: particle centre offsets uniform in ±max_shift_px (y and x; content moved by +shift).
         bfactor_angstrom2: B-factor applied to all atoms.
+        envelope_bfactor_angstrom2: imaging envelope ``exp(−B k²/4)`` on the CTF (coherence, detector MTF,
+            residual motion), applied to particle and ice alike.
         oversampling: projection oversampling (1 is fast and adequate under noise; 2 is more accurate).
         seed: reproducible results for equal arguments.
 
@@ -152,7 +155,8 @@ def simulate_particle_stack(
             )[0]
         padded = torch.zeros(m, pad, pad)
         padded[:, lo_c : lo_c + box_px, lo_c : lo_c + box_px] = proj
-        ctf = calculate_ctf_2d(du[sl], dv[sl], dang[sl], voltage_kv, cs_mm, amplitude_contrast, pixel_size_angstrom, (pad, pad))
+        ctf = calculate_ctf_2d(du[sl], dv[sl], dang[sl], voltage_kv, cs_mm, amplitude_contrast, pixel_size_angstrom,
+                               (pad, pad), bfactor_angstrom2=envelope_bfactor_angstrom2)
         signal_ft = torch.fft.rfft2(padded) * damage
         ice_ft = physics.ice_potential_ft((pad, pad), pixel_size_angstrom, ice_thickness_angstrom, g, batch=(m,))
         contrast = -scale * torch.fft.irfft2((signal_ft + ice_ft) * ctf, s=(pad, pad))
@@ -182,6 +186,7 @@ def simulate_particle_stack(
         "dose_e_per_a2": dose_e_per_a2,
         "ice_thickness_angstrom": ice_thickness_angstrom,
         "bfactor_angstrom2": bfactor_angstrom2,
+        "envelope_bfactor_angstrom2": envelope_bfactor_angstrom2,
     }
     return images, truth
 
@@ -198,6 +203,7 @@ def noiseless_particle_images(
     cs_mm: float = 2.7,
     amplitude_contrast: float = 0.1,
     bfactor_angstrom2: float = 20.0,
+    envelope_bfactor_angstrom2: float = 0.0,
     solvent: bool = True,
 ) -> torch.Tensor:
     """Noise-free references: ``CTF ⊛ projection`` (V·Å, particles positive) ``(b, box, box)``; no CTF if defocus is None."""
@@ -212,7 +218,8 @@ def noiseless_particle_images(
     padded[:, lo : lo + box_px, lo : lo + box_px] = proj
     dv = defocus_u if defocus_v is None else defocus_v
     da = torch.zeros_like(torch.as_tensor(defocus_u)) if defocus_angle_deg is None else defocus_angle_deg
-    ctf = calculate_ctf_2d(defocus_u, dv, da, voltage_kv, cs_mm, amplitude_contrast, pixel_size_angstrom, (pad, pad))
+    ctf = calculate_ctf_2d(defocus_u, dv, da, voltage_kv, cs_mm, amplitude_contrast, pixel_size_angstrom, (pad, pad),
+                           bfactor_angstrom2=envelope_bfactor_angstrom2)
     out = torch.fft.irfft2(torch.fft.rfft2(padded) * ctf, s=(pad, pad))
     return out[:, lo : lo + box_px, lo : lo + box_px]
 
