@@ -127,11 +127,10 @@ class Progress:
             self._live.update(self._render(st))
             return
         line = (f"done {st.n_done} failed {st.n_failed} queued {st.n_pending} processing {st.n_processing} "
-                f"particles {st.n_particles} rate {st.exposures_per_hour:.0f}/h "
-                f"2D {st.n_particles_classified} particles, {st.n_classes} classes")
+                f"particles {st.n_particles} 2D {st.n_particles_classified} particles, {st.n_classes} classes")
         now = time.monotonic()
         if line != self._last_line and now - self._last_time >= 5.0:
-            print(time.strftime("%H:%M:%S"), line, flush=True)
+            print(time.strftime("%H:%M:%S"), line, f"rate {st.exposures_per_hour:.0f}/h", flush=True)
             self._last_line, self._last_time = line, now
 
     def final(self, st) -> None:

@@ -138,3 +138,28 @@ def test_worker_process_dying_fails_only_its_movie(tmp_path, movie_writer, crash
     assert status.n_done == 2 and status.n_failed == 1
     assert by_name["dies"].status == "failed" and "worker process died 2 times" in by_name["dies"].error
     assert by_name["a"].status == by_name["b"].status == "done"
+
+
+def test_2d_state_is_saved_and_reloaded_on_resume(tmp_path, movie_writer, fake_stages, small_settings):
+    import torch
+
+    from cryolive.classify2d import StreamingClassifier2D
+    from cryolive.config import Class2DSettings
+
+    settings = small_settings.model_copy(
+        update={"class2d": Class2DSettings(n_classes=2, min_particles_to_start=20, batch_size=16, n_psi=4,
+                                           max_shift_px=1)})
+    for i in range(3):
+        movie_writer(tmp_path / f"m{i}.mrc", seed=i)
+    out = tmp_path / "out"
+    with Session(out, settings, stages=fake_stages) as s:
+        s.process([tmp_path / "m0.mrc", tmp_path / "m1.mrc"])  # 32 particles ≥ 20: 2D starts
+    table = read_star(out / "class2d" / "classes.star")["model_classes"]
+    assert table["rlnReferenceImage"].tolist() == ["000001@class2d/classes.mrcs", "000002@class2d/classes.mrcs"]
+    with Session(out, settings, stages=fake_stages) as s:
+        s.process([tmp_path / "m2.mrc"])
+    clf = StreamingClassifier2D(2, 16, 2.0, settings.optics, settings.class2d, "cpu")
+    clf.load_state_dict(torch.load(out / "class2d" / "state.pt", weights_only=False))
+    assert clf.snapshot().n_particles_seen == 48  # 32 before the restart + 16 after: the state was reloaded
+    p = read_star(out / "particles.star")["particles"]
+    assert len(p) == 48 and set(p["rlnClassNumber"]) <= {1, 2} and (p["rlnClassNumber"] > 0).all()
