@@ -196,3 +196,32 @@ def test_reproducible_and_indexed():
     fa = next(iter(a.frames()))
     fb = next(iter(b.frames()))
     assert torch.equal(fa, fb)
+
+
+def test_local_motion_truth_convention():
+    settings = SimulationSettings(seed=8, **{**TINY, "max_drift_angstrom": 0.0, "local_motion_angstrom": 8.0,
+                                             "dose_per_frame": 0.1, "n_frames": 4})
+    sim = MovieSimulator(settings, 0)
+    truth = sim.truth()
+    last = list(sim.expected_frames())[-1]
+    ref = truth.reference
+    h, w = ref.shape
+    d = truth.local_shifts_yx_px[-1].permute(2, 0, 1)[None]  # (1, 2, g, g)
+    assert float(d.abs().max()) > 1.5
+    d = torch.nn.functional.interpolate(d, size=(h, w), mode="bicubic", align_corners=True)[0]
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+
+    def sample_at(img, sy, sx):
+        grid = torch.stack([2 * sx / (w - 1) - 1, 2 * sy / (h - 1) - 1], -1)[None]
+        return torch.nn.functional.grid_sample(img[None, None], grid, mode="bicubic", align_corners=True)[0, 0]
+
+    def corr(a):
+        a, b = a[30:-30, 30:-30], ref[30:-30, 30:-30]
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    # frame_t(r) = frame_1(r - d(r))  ⇒  frame_1(r) ≈ frame_t(r + d(r))
+    undone = sample_at(last, yy + d[0], xx + d[1])
+    wrong = sample_at(last, yy - d[0], xx - d[1])
+    assert corr(undone) > corr(last) + 0.05
+    assert corr(undone) > corr(wrong) + 0.1

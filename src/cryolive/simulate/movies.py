@@ -189,14 +189,15 @@ def _drift_trajectory(n_frames: int, max_drift_px: float, g: torch.Generator) ->
     return torch.cat([torch.zeros(1, 2), torch.cumsum(steps, 0)])
 
 
-def _local_motion(n_frames: int, grid: int, amplitude_px: float, g: torch.Generator) -> torch.Tensor:
-    """Control-point local displacements ``(t, grid, grid, 2)`` (y, x) px: zero mean, growing smoothly in time."""
+def _local_motion(n_frames: int, grid: int, amplitude_px: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local motion as ``(profile (t,), final (grid, grid, 2))``: control-point displacements (y, x) px at frame t
+    are ``profile[t] · final`` — zero mean over the grid, 0 at frame 1, growing smoothly (faster early)."""
     final = torch.randn(grid, grid, 2, generator=g) * amplitude_px
     final = final - final.mean((0, 1))
     t = torch.arange(n_frames, dtype=torch.float32)
     tau = max(1.0, n_frames / 4)
     prof = (1 - torch.exp(-t / tau)) / max(1e-6, 1 - math.exp(-(n_frames - 1) / tau)) if n_frames > 1 else t
-    return prof[:, None, None, None] * final
+    return prof, final
 
 
 class MovieSimulator:
@@ -231,7 +232,8 @@ class MovieSimulator:
         thick = tlo + (thi - tlo) * float(torch.rand(1, generator=g))
         self.drift = _drift_trajectory(s.n_frames, s.max_drift_angstrom / p, g)
         grid = 5
-        self.local = _local_motion(s.n_frames, grid, s.local_motion_angstrom / p, g)
+        self.local_profile, self.local_final = _local_motion(s.n_frames, grid, s.local_motion_angstrom / p, g)
+        self.local = self.local_profile[:, None, None, None] * self.local_final  # (t, grid, grid, 2)
         gy = torch.linspace(0, h - 1, grid)
         gx = torch.linspace(0, w - 1, grid)
         self.local_grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij"), -1)
@@ -247,7 +249,7 @@ class MovieSimulator:
         objects = [(self.models[k], self.models[k].name, diam[k]) for k in kinds]
         objects += [(m, "junk", particle_diameter_angstrom(m)) for m in junk_models]
         rots = random_rotations(len(objects), generator=g)
-        cell = max(4.0, 8.0 / p)
+        cell = max(2.0, 4.0 / p)  # occupancy cell (px): footprints dilated by one cell keep ≥ ~4 Å gaps
         margin_cells = int(math.ceil((s.max_drift_angstrom / p + 4) / cell)) + 1
         # junk first (big, few) would bias; shuffle order
         order = torch.randperm(len(objects), generator=g).tolist()
@@ -291,8 +293,7 @@ class MovieSimulator:
         thick = par["ice_thickness_angstrom"]
         v_ice = physics.ice_mean_potential_volt() if thick > 0 else 0.0
         os_ = s.oversampling
-        n_el_max = 6
-        while os_ > 1 and h * w * os_**2 * n_el_max > 80_000_000:
+        while os_ > 1 and h * w * os_**2 > 20_000_000:  # memory: one oversampled frame per element
             os_ -= 1
         # all objects' atoms on one canvas, per element (union of element lists)
         elements = tuple(sorted(set(e for o in self.objects for e in o[0].elements))) or ("C",)
@@ -386,17 +387,15 @@ class MovieSimulator:
         if use_local:
             base_y, base_x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
             # the local field is (time profile) × (final field): interpolate the final field once
-            last = self.local[-1]
-            full_last = F.interpolate(last.permute(2, 0, 1)[None], size=(h, w), mode="bicubic", align_corners=True)[0]
-            norm_last = last.abs().amax()
+            full_final = F.interpolate(self.local_final.permute(2, 0, 1)[None], size=(h, w), mode="bicubic",
+                                       align_corners=True)[0]  # (2, h, w)
         for t in range(s.n_frames):
             dose = (t + 0.5) * s.dose_per_frame
             ft = self.spec_ft * torch.exp(-dose / (2 * ne)) + self.ice_ctf_ft
             ft = ft * phase_shift_2d(self.drift[t], (h, w))
             c = -self.scale * torch.fft.irfft2(ft, s=(h, w))
             if use_local and t > 0:
-                ratio = float(self.local[t].abs().amax() / norm_last) if float(norm_last) > 0 else 0.0
-                d = full_last * ratio  # (2, h, w) y, x displacement, px
+                d = full_final * float(self.local_profile[t])  # (2, h, w) y, x displacement, px
                 sy = base_y - d[0]
                 sx = base_x - d[1]
                 grid = torch.stack([2 * sx / (w - 1) - 1, 2 * sy / (h - 1) - 1], -1)[None]

@@ -301,33 +301,39 @@ def _render(
     b, n, d = pos_grid.shape
     os_ = int(oversampling)
     big = tuple(s * os_ for s in out_shape)
-    n_el = len(elements)
-    grid = torch.zeros(b * n_el * math.prod(big), dtype=torch.float32)
-    # a point at output coordinate u sits at oversampled coordinate u·os (pixel centres coincide at 0)
-    _scatter_linear(grid, pos_grid * os_, element_index, big)
-    grid = grid.view(b, n_el, *big)
     dims = tuple(range(-d, 0))
-    ft = torch.fft.rfftn(grid, dim=dims)
-    del grid
-    ft = _crop_rfft(ft, big, out_shape)
     fine = pixel_size_angstrom / os_
     freqs = _rfft_freqs(out_shape, pixel_size_angstrom)
-    q2 = sum(f**2 for f in freqs)
+    q = torch.sqrt(sum(f**2 for f in freqs))
     kernels = _form_factor_kernels(
-        elements, torch.sqrt(q2), bfactor_angstrom2, solvent_potential_volt, atom_volume_angstrom3, solvent_sigma_angstrom
-    )  # (E, ...)
+        elements, q, bfactor_angstrom2, solvent_potential_volt, atom_volume_angstrom3, solvent_sigma_angstrom
+    )  # (E, ...) V·Å³ per atom
     interp = 1.0
     for f in freqs:
         interp = interp * _sinc(f * fine) ** 2
-    kernels = kernels / interp / fine**d  # density of unit weights per fine cell → per Å^d
-    total = (ft * kernels).sum(1)  # (b, ...)
+    kernels = kernels / interp / fine**d  # unit weights per fine cell → per Å^d
+    total = None
+    # one element at a time keeps memory at one (b, *big) grid
+    for e in range(len(elements)):
+        sel = element_index == e
+        if not bool(sel.any()):
+            continue
+        grid = torch.zeros(b * math.prod(big), dtype=torch.float32)
+        # a point at output coordinate u sits at oversampled coordinate u·os (pixel centres coincide at 0)
+        _scatter_linear(grid, pos_grid[:, sel] * os_, torch.zeros(int(sel.sum()), dtype=torch.int64), big)
+        ft = torch.fft.rfftn(grid.view(b, *big), dim=dims)
+        del grid
+        ft = _crop_rfft(ft, big, out_shape) * kernels[e]
+        total = ft if total is None else total + ft
+    if total is None:
+        return torch.zeros(b, *out_shape)
     scale = math.prod(out_shape) / math.prod(big)
     return torch.fft.irfftn(total, s=out_shape, dim=dims) * scale
 
 
 def _chunk_size(n_atoms: int, n_el: int, grid_numel: int) -> int:
     by_atoms = max(1, 2_000_000 // max(n_atoms, 1))
-    by_grid = max(1, 40_000_000 // max(n_el * grid_numel, 1))
+    by_grid = max(1, 16_000_000 // max(grid_numel, 1))
     return max(1, min(by_atoms, by_grid))
 
 
