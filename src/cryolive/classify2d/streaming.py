@@ -126,7 +126,9 @@ class StreamingClassifier2D:
     ``kappa`` (step-size exponent in (0.5, 1]; 1 = plain running sums), ``n_init_iterations`` (EM passes over the
     first particles), ``buffer_size`` (particles kept for revisits), ``revisit_fraction`` (after each update,
     this fraction of the batch size is re-processed from the buffer), ``mask_diameter_angstrom`` (soft circular
-    mask of the averages; default 0.9 × box), ``chunk_size`` (particles per E-step chunk, bounds memory).
+    mask of the averages; default 0.9 × box), ``chunk_size`` (particles per E-step chunk, bounds memory),
+    ``initial_temperature`` (≥ 1: posteriors are flattened by this factor at the first EM pass over the start
+    set and annealed to 1 over the first half of the initial passes; 1 = no annealing).
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class StreamingClassifier2D:
         revisit_fraction: float = 0.5,
         mask_diameter_angstrom: float | None = None,
         chunk_size: int = 64,
+        initial_temperature: float = 1.0,
     ):
         if box_size_px % 2:
             raise ValueError("box_size_px must be even")
@@ -160,6 +163,8 @@ class StreamingClassifier2D:
         self.buffer_size = int(buffer_size)
         self.revisit_fraction = float(revisit_fraction)
         self.chunk_size = int(chunk_size)
+        self.initial_temperature = float(initial_temperature)
+        self.inverse_temperature = 1.0
         b, dev = self.b, self.device
         nyq = 2 * self.pixel_size
         self.initial_resolution = max(
@@ -376,7 +381,7 @@ class StreamingClassifier2D:
             if normalized_cc:
                 post = F.one_hot(best_pose_ll.argmax(-1), K).float()
             else:
-                lse = torch.logsumexp(ll, -1) + log_prior  # (n, K)
+                lse = torch.logsumexp(ll * self.inverse_temperature, -1) + log_prior  # (n, K)
                 post = torch.softmax(lse, -1)
             kbest = (best_pose_ll + (0 if normalized_cc else log_prior)).argmax(-1)
             out_post.append(post)
@@ -551,8 +556,20 @@ class StreamingClassifier2D:
         self.total_weight = 0.0
         self._maximization(stats, n, 1.0)
         self.initialised = True
-        for _ in range(self.n_init_iterations):
-            self._em_pass(x, par, half, gamma=1.0)
+        for j in range(self.n_init_iterations):
+            self._annealed_pass(x, par, half, j, self.n_init_iterations)
+
+    def _annealed_pass(self, x, par, half, j: int, n_passes: int):
+        """EM pass ``j`` of ``n_passes`` from fresh classes: the log-likelihoods are scaled by an inverse
+        temperature rising geometrically from 1/``initial_temperature`` to 1 over the first half of the passes,
+        so particles stay soft-assigned while the classes are still close to their seeds."""
+        n_anneal = max(1, n_passes // 2)
+        t = self.initial_temperature ** max(0.0, 1 - j / n_anneal)
+        self.inverse_temperature = 1.0 / t
+        try:
+            return self._em_pass(x, par, half, gamma=1.0)
+        finally:
+            self.inverse_temperature = 1.0
 
     def _em_pass(self, x, par, half, gamma: float):
         e = self._expectation(x, par)
@@ -645,14 +662,18 @@ class StreamingClassifier2D:
         x, par = self._as_inputs(images, defocus_u, defocus_v, defocus_angle_deg)
         half = self._halves(x.shape[0])
         self._remember(x, par, half)
-        if not self.initialised:
+        fresh = not self.initialised
+        if fresh:
             n_init = self.n_init_iterations
             self.n_init_iterations = 0
             self._initialise(x, par, half)
             self.n_init_iterations = n_init
         self.n_processed += x.shape[0]
-        for _ in range(n_iterations):
-            self._em_pass(x, par, half, gamma=1.0)
+        for j in range(n_iterations):
+            if fresh:
+                self._annealed_pass(x, par, half, j, n_iterations)
+            else:
+                self._em_pass(x, par, half, gamma=1.0)
             self.n_updates += 1
         return self._result(self._expectation(x, par))
 
