@@ -53,7 +53,7 @@ def main(argv=None) -> None:
         optics=Optics(pixel_size_angstrom=args.pixel_size), dose_per_frame=args.dose_per_frame,
         gain_path=str(gain) if gain.is_file() else None,
         picking=PickingSettings(particle_diameter_angstrom=args.particle_diameter),
-        class2d=Class2DSettings(n_classes=10, min_particles_to_start=200, batch_size=500),
+        class2d=Class2DSettings(n_classes=10, min_particles_to_start=100, batch_size=200),
         device=args.device, n_workers=args.workers,
     )
     t0 = time.perf_counter()
@@ -73,13 +73,15 @@ def main(argv=None) -> None:
         per_stage = {}
         for r in session.store.stage_results():
             per_stage.setdefault(r["stage"], []).append(float(r["metrics"].get("seconds", float("nan"))))
+            if r["stage"] == "motion":  # reading the movie and the gain, before motion correction
+                per_stage.setdefault("read", []).append(float(r["metrics"].get("read_seconds", float("nan"))))
         failed = [(e.name, e.error) for e in session.store.exposures("failed")]
     n = max(status.n_done, 1)
     print(f"dataset: {data}  ({status.n_done} done, {status.n_failed} failed, {status.n_particles} particles)")
     if t_sim:
         print(f"simulation: {t_sim:.1f} s")
     print(f"{'stage':<12}{'s/movie (mean)':>16}{'median':>10}{'max':>10}")
-    for stage in ("motion", "ctf", "picking", "extraction"):
+    for stage in ("read", "motion", "ctf", "picking", "extraction"):
         v = per_stage.get(stage, [])
         if v:
             print(f"{stage:<12}{statistics.fmean(v):>16.2f}{statistics.median(v):>10.2f}{max(v):>10.2f}")
