@@ -192,3 +192,30 @@ def test_separates_structures_in_physics_simulation():
     p_new = purity(r.class_index[600:], truth["structure_index"][600:])  # particles never seen in training
     print(f"physics simulation: structure purity {p:.3f} (unseen particles {p_new:.3f})")
     assert p >= 0.9 and p_new >= 0.88
+
+
+@pytest.mark.slow
+def test_first_classes_from_5000_particles_box64():
+    """The live-session scale: 5,000 particles at box 64, 20 classes, batches of 1,000 (default settings).
+    Prints the seconds to the first classes and the throughput; asserts structure purity and a time bar."""
+    import time
+
+    from cryolive.simulate.particles import simulate_particle_stack
+
+    torch.set_num_threads(1)
+    images, truth = simulate_particle_stack(["6ny1", "3j5p"], 5000, BOX, PIXEL, max_shift_px=3, seed=5)
+    ctf = (truth["defocus_u"], truth["defocus_v"], truth["defocus_angle_deg"])
+    clf = StreamingClassifier2D(20, BOX, PIXEL, OPTICS, Class2DSettings())
+    t0 = time.perf_counter()
+    first = None
+    for i in range(0, 5000, 1000):
+        r = clf.update(images[i : i + 1000], *(c[i : i + 1000] for c in ctf))
+        if first is None and (r.class_index >= 0).all():
+            first = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    r = clf.assign(images, *ctf)
+    p = purity(r.class_index, truth["structure_index"])
+    print(f"first classes after {first:.1f} s; 5000 particles in {total:.1f} s ({5000 / total:.0f} particles/s); "
+          f"structure purity {p:.3f}; resolution {clf.snapshot().resolution_angstrom.tolist()}")
+    assert p >= 0.9
+    assert first < 60.0
