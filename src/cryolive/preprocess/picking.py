@@ -19,10 +19,6 @@
    (:func:`auto_threshold`) adapts it to how crowded the micrograph is (empty micrographs yield few picks);
 7. at most ``settings.max_picks_per_micrograph`` picks, best first.
 
-Measured on physically scaled simulated micrographs (real atomic models 3j5p/6ny1 and irregular complexes of
-100–200 Å, 24–40 e/Å², 0.6–3 µm defocus, 1–1.5 Å/px, Poisson noise, ice, junk aggregates): F1 0.7–1.0,
-precision ≥ 0.85; about 0.1 s per 1024² micrograph on one CPU thread.
-
 Everything is pure torch and follows the device of ``micrograph``.
 
 Example::
@@ -50,11 +46,13 @@ from ..config import PickingSettings
 SCALES = (0.8, 0.9, 1.0, 1.1, 1.2)
 WORKING_PIXELS_PER_DIAMETER = 22.0
 MIN_DISTANCE_FACTOR = 0.8  # minimum distance between picks, × diameter
-CTF_WEIGHT_POWER = 0.0  # 0: phase flip; 1: multiply by the CTF (matched filter)
-NOISE_FLOOR_SIGMAS = 2.0  # automatic threshold ≥ median + this × noise σ of the score map
-AUTO_CEILING_FRACTION = 0.6  # automatic threshold ≤ this × 90th percentile of candidate scores
+NULL_SEED = 20240611
+NULL_REALISATIONS = 4
+AUTO_FDR = 0.2  # automatic threshold: estimated fraction of noise among the picks
+AUTO_MIN_NULL_QUANTILE = 0.25  # ... never below this quantile of the noise peak scores
+AUTO_MAX_NULL_QUANTILE = 0.6  # ... and never above this one
 JUNK_POWER_FACTOR = 2.5  # reject picks whose local power exceeds this × the picks' median local power
-BAND_HIGHPASS_DIAMETERS = 2.5  # the score's band keeps features up to ~ this × the diameter
+BAND_HIGHPASS_DIAMETERS = 4.0  # the score's band keeps features up to ~ this × the diameter
 BAND_LOWPASS_PER_DIAMETER = 6.0  # ... and down to ~ diameter / this
 JUNK_HIGHPASS_DIAMETERS = 6.0  # the junk power keeps features up to this × the diameter
 
@@ -70,8 +68,8 @@ class Picks:
       particles); aggregates, contamination and carbon edges are strong outliers.
     - ``amplitude (n,)``: least-squares contrast of the matched template (same relative units).
     - ``diameter_angstrom (n,)``: diameter of the best-matching template.
-    - ``threshold``: score threshold applied (given or automatic); ``noise_floor``: the score that noise alone
-      rarely exceeds (the automatic threshold's lower bound); ``power_limit``: local-power cut-off used.
+    - ``threshold``: score threshold applied (given or automatic, see :func:`auto_threshold`); ``noise_floor``:
+      the median peak score of white noise through the same filters; ``power_limit``: local-power cut-off used.
     - ``n_candidates``: peaks before thresholding; ``n_junk``: picks rejected as junk.
     """
 
@@ -141,47 +139,38 @@ def _preprocess(
             ctf["defocus_u"], ctf["defocus_v"], ctf["defocus_angle_deg"], ctf["voltage_kv"], ctf["cs_mm"],
             ctf["amplitude_contrast"], ps_w, (nh, nw), device=img.device,
         )
-        filt = filt * torch.sign(c) * c.abs() ** CTF_WEIGHT_POWER
+        filt = filt * torch.sign(c)
     return ft * filt, ps_w, scale, k, (nh, nw)
 
 
-def score_map(
-    micrograph: torch.Tensor, pixel_size_angstrom: float, diameter_angstrom: float, ctf: dict | None = None
-) -> dict:
-    """NCC score map on the working grid.
+def _ncc_best(ft: torch.Tensor, template_filter: torch.Tensor, ps_w: float, diameter_angstrom: float, shape: tuple[int, int]):
+    """Best NCC over the template diameters for band-passed image transforms ``ft (..., nh, nw//2+1)``.
 
-    Returns a dict: ``score (nh, nw)`` best NCC over template diameters, ``scale_index (nh, nw)`` long,
-    ``local_power (nh, nw)`` (junk indicator: power within one diameter over a wide band, relative to its
-    median), ``amplitude (nh, nw)`` (least-squares template contrast / median local std), ``pixel_size``
-    (working Å/px), ``scale_yx`` (micrograph px per working px).
+    Returns ``(score, scale_index, amplitude, power_ref)``: maps ``(..., nh, nw)`` and the median window variance.
     """
-    ft_raw, ps_w, scale_yx, k, (nh, nw) = _preprocess(micrograph, pixel_size_angstrom, diameter_angstrom, ctf)
-    dev = ft_raw.device
-    band = _highpass(k, BAND_HIGHPASS_DIAMETERS * diameter_angstrom) * torch.exp(
-        -0.5 * (k * diameter_angstrom / BAND_LOWPASS_PER_DIAMETER) ** 2
-    )
-    ft = ft_raw * band
-    img = torch.fft.irfft2(ft, s=(nh, nw))
+    nh, nw = shape
+    dev = ft.device
+    img = torch.fft.irfft2(ft, s=shape)
     ft2 = torch.fft.rfft2(img * img)
-    best = torch.full((nh, nw), -2.0, device=dev)
-    best_idx = torch.zeros((nh, nw), dtype=torch.long, device=dev)
-    best_amp = torch.zeros((nh, nw), device=dev)
+    best = torch.full(img.shape, -2.0, device=dev)
+    best_idx = torch.zeros(img.shape, dtype=torch.long, device=dev)
+    best_amp = torch.zeros(img.shape, device=dev)
     power_ref = None
     for i, s in enumerate(SCALES):
         d_px = s * diameter_angstrom / ps_w
-        win = _disc_wrapped((nh, nw), 0.75 * d_px, dev)
+        win = _disc_wrapped(shape, 0.75 * d_px, dev)
         n_win = win.sum()
         # template: projected ball, band-limited like the image, zero mean and cut to the window
-        t = torch.fft.irfft2(torch.fft.rfft2(_projected_sphere_2d((nh, nw), d_px / 2, dev)) * band, s=(nh, nw))
+        t = torch.fft.irfft2(torch.fft.rfft2(_projected_sphere_2d(shape, d_px / 2, dev)) * template_filter, s=shape)
         t = t * win
         t = (t - t.sum() / n_win) * win
         t_norm = t.norm()
         wft = torch.fft.rfft2(win)
         # correlation (not convolution): multiply by the conjugate transform
-        corr = torch.fft.irfft2(ft * torch.fft.rfft2(t).conj(), s=(nh, nw))
-        s1 = torch.fft.irfft2(ft * wft.conj(), s=(nh, nw))
-        s2 = torch.fft.irfft2(ft2 * wft.conj(), s=(nh, nw))
-        var_sum = (s2 - s1 * s1 / n_win).clamp(min=1e-12)  # Σ_W (x - x̄)²
+        corr = torch.fft.irfft2(ft * torch.fft.rfft2(t).conj(), s=shape)
+        s1 = torch.fft.irfft2(ft * wft.conj(), s=shape)
+        s2 = torch.fft.irfft2(ft2 * wft.conj(), s=shape)
+        var_sum = (s2 - s1 * s1 / n_win).clamp(min=1e-12)  # Σ_W (x - x̄)² over the window at every position
         ncc = corr / (t_norm * var_sum.sqrt())
         if power_ref is None:
             power_ref = (var_sum / n_win).median().clamp(min=1e-20)
@@ -189,6 +178,36 @@ def score_map(
         best = torch.where(better, ncc, best)
         best_idx = torch.where(better, torch.full_like(best_idx, i), best_idx)
         best_amp = torch.where(better, corr / t_norm**2, best_amp)
+    return best, best_idx, best_amp, power_ref
+
+
+def _band(k: torch.Tensor, diameter_angstrom: float) -> torch.Tensor:
+    return _highpass(k, BAND_HIGHPASS_DIAMETERS * diameter_angstrom) * torch.exp(
+        -0.5 * (k * diameter_angstrom / BAND_LOWPASS_PER_DIAMETER) ** 2
+    )
+
+
+def score_map(
+    micrograph: torch.Tensor, pixel_size_angstrom: float, diameter_angstrom: float, ctf: dict | None = None,
+    null_realisations: int = 0,
+) -> dict:
+    """NCC score map on the working grid.
+
+    Returns a dict: ``score (nh, nw)`` best NCC over template diameters, ``scale_index (nh, nw)`` long,
+    ``local_power (nh, nw)`` (junk indicator: power within one diameter over a wide band, relative to its
+    median), ``amplitude (nh, nw)`` (least-squares template contrast / median local std), ``pixel_size``
+    (working Å/px), ``scale_yx`` (micrograph px per working px), and with ``null_realisations > 0``
+    ``null_score (r, nh, nw)``: the same score for white noise (fixed seed) — the null distribution.
+    """
+    ft_raw, ps_w, scale_yx, k, (nh, nw) = _preprocess(micrograph, pixel_size_angstrom, diameter_angstrom, ctf)
+    dev = ft_raw.device
+    band = _band(k, diameter_angstrom)
+    best, best_idx, best_amp, power_ref = _ncc_best(ft_raw * band, band, ps_w, diameter_angstrom, (nh, nw))
+    null = None
+    if null_realisations > 0:
+        gen = torch.Generator(device=dev).manual_seed(NULL_SEED)
+        noise = torch.randn((null_realisations, nh, nw), generator=gen, device=dev)
+        null = _ncc_best(torch.fft.rfft2(noise) * band, band, ps_w, diameter_angstrom, (nh, nw))[0]
     amp_ref = power_ref.sqrt()
     # junk indicator: power of the flipped image over a wider band (down to 1/(6·diameter)) in a disc of one
     # diameter radius, relative to its median over the micrograph; aggregates and contamination are big and dense
@@ -202,7 +221,7 @@ def score_map(
     junk_power = junk_power / junk_power.median().clamp(min=1e-20)
     return dict(
         score=best, scale_index=best_idx, local_power=junk_power, amplitude=best_amp / amp_ref,
-        pixel_size=ps_w, scale_yx=scale_yx,
+        pixel_size=ps_w, scale_yx=scale_yx, null_score=null,
     )
 
 
@@ -215,6 +234,15 @@ def _local_maxima(score: torch.Tensor, radius_px: int, margin_yx: tuple[int, int
     inner = torch.zeros_like(peak)
     inner[my : score.shape[0] - my, mx_ : score.shape[1] - mx_] = True
     return torch.nonzero((peak & inner).flatten()).flatten()
+
+
+def _candidates(score: torch.Tensor, diameter_px: float, margin_yx: tuple[int, int]) -> torch.Tensor:
+    """Flat indices of NMS peaks of ``score (h, w)``, best first: local maxima, then greedy suppression."""
+    idx = _local_maxima(score, max(1, int(0.2 * diameter_px)), margin_yx)
+    nw = score.shape[1]
+    coords = torch.stack([idx // nw, idx % nw], -1).to(torch.float32)
+    keep = non_maximum_suppression(coords, score.flatten()[idx], MIN_DISTANCE_FACTOR * diameter_px)
+    return idx[keep]
 
 
 def non_maximum_suppression(coords: torch.Tensor, scores: torch.Tensor, min_distance: float) -> torch.Tensor:
@@ -235,42 +263,39 @@ def non_maximum_suppression(coords: torch.Tensor, scores: torch.Tensor, min_dist
     return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
 
 
-def score_noise_floor(score: torch.Tensor, k: float | None = None) -> float:
-    """Score that noise alone rarely exceeds: ``median + k · σ`` of the NCC map ``score (h, w)``.
+def auto_threshold(candidate_scores: torch.Tensor, null_scores: torch.Tensor, fdr: float | None = None) -> float:
+    """Score threshold from the candidate peak scores ``(n,)`` and peak scores of pure noise ``(m,)``.
 
-    σ comes from the lower tail, ``(median − 2nd percentile) / 2``: particles push the upper tail of the
-    map up but hardly its lower tail, so this holds for empty and for crowded micrographs alike.
+    A false-discovery-rate rule (Storey & Tibshirani 2003 style): the fraction of noise among the candidates
+    is estimated as ``π0 = #(candidates below the noise median) / (n / 2)`` (particles seldom score below
+    the median noise peak), the expected number of noise picks above ``t`` as ``π0 · n · P_noise(score ≥ t)``,
+    and the threshold is the lowest candidate score at which that is at most ``fdr`` of the picks above it,
+    but at least the ``AUTO_MIN_NULL_QUANTILE`` quantile of the noise peaks.
+    Crowded micrographs (few noise candidates) thus get a low threshold, empty ones a high one. Returns
+    ``inf`` when no threshold meets the rate.
     """
-    k = NOISE_FLOOR_SIGMAS if k is None else k
-    v = score.detach().flatten().float()
-    if v.numel() > 1_000_000:
-        v = v[:: v.numel() // 1_000_000 + 1]
-    q02, med = torch.quantile(v, torch.tensor([0.02, 0.5], device=v.device)).tolist()
-    return med + k * (med - q02) / 2
-
-
-def auto_threshold(candidate_scores: torch.Tensor, noise_floor: float) -> float:
-    """Score threshold from candidate peak scores ``(n,)`` (one per NMS peak) and the map's noise floor.
-
-    Otsu's split of the candidates into background peaks and particles, capped at
-    ``AUTO_CEILING_FRACTION`` × the 90th percentile of the candidates (when nearly every candidate is a
-    particle, Otsu would split the particles themselves), and never below ``noise_floor``.
-    """
+    fdr = AUTO_FDR if fdr is None else fdr
     s = candidate_scores.detach().float().cpu()
-    if s.numel() < 4:
-        return float(noise_floor)
-    v, _ = torch.sort(s)
-    n = v.numel()
-    csum = torch.cumsum(v, 0)
-    i = torch.arange(1, n, dtype=torch.float32)
-    w0 = i / n
-    m0 = csum[:-1] / i
-    m1 = (csum[-1] - csum[:-1]) / (n - i)
-    between = w0 * (1 - w0) * (m0 - m1) ** 2  # Otsu: between-class variance of each split
-    k = int(torch.argmax(between))
-    otsu = float(0.5 * (v[k] + v[k + 1]))
-    ceiling = AUTO_CEILING_FRACTION * float(torch.quantile(v, 0.9))
-    return max(float(noise_floor), min(otsu, ceiling))
+    null = torch.sort(null_scores.detach().float().cpu()).values
+    n, m = s.numel(), null.numel()
+    if n == 0:
+        return float("inf")
+    if m == 0:
+        return float(s.min())
+    null_median = float(null[m // 2])
+    pi0 = min(1.0, max(1.0 / n, float((s < null_median).sum()) / (0.5 * n)))
+    v = torch.sort(s, descending=True).values  # candidate scores, best first
+    # P_noise(score ≥ v_k) from the sorted null sample
+    surv = 1.0 - torch.searchsorted(null, v, right=False).float() / m
+    n_above = torch.arange(1, n + 1, dtype=torch.float32)
+    est_fdr = pi0 * n * surv / n_above
+    ok = torch.nonzero(est_fdr <= fdr).flatten()
+    t_fdr = float(v[int(ok.max())]) if ok.numel() else float("inf")
+    # never below a low quantile of the noise peaks (lower scores are shoulders of particles and of junk), and
+    # never above a high one (π0 is an upper bound: weak particles also score below the noise median)
+    lo = float(null[int(AUTO_MIN_NULL_QUANTILE * (m - 1))])
+    hi = float(null[int(AUTO_MAX_NULL_QUANTILE * (m - 1))])
+    return max(lo, min(t_fdr, hi))
 
 
 def pick_blobs(
@@ -291,7 +316,7 @@ def pick_blobs(
 
     diameter = float(settings.particle_diameter_angstrom)
     h, w = micrograph.shape[-2:]
-    maps = score_map(micrograph, pixel_size_angstrom, diameter, ctf)
+    maps = score_map(micrograph, pixel_size_angstrom, diameter, ctf, null_realisations=NULL_REALISATIONS)
     score = maps["score"]
     ps_w = maps["pixel_size"]
     sy, sx = maps["scale_yx"]
@@ -299,25 +324,24 @@ def pick_blobs(
         edge_margin_px = default_box_sizes(diameter, pixel_size_angstrom)[0] / 2
     margin = (int(math.ceil(edge_margin_px / sy)), int(math.ceil(edge_margin_px / sx)))
     d_w = diameter / ps_w
-    idx = _local_maxima(score, max(1, int(0.2 * d_w)), margin)
+    idx = _candidates(score, d_w, margin)
     nw = score.shape[1]
-    py, px = idx // nw, idx % nw
-    coords_w = torch.stack([py, px], -1).to(torch.float32)
+    coords_w = torch.stack([idx // nw, idx % nw], -1).to(torch.float32)
     cand_scores = score.flatten()[idx]
-    keep = non_maximum_suppression(coords_w, cand_scores, MIN_DISTANCE_FACTOR * d_w)
-    idx, coords_w, cand_scores = idx[keep], coords_w[keep], cand_scores[keep]
     power = maps["local_power"].flatten()[idx]
     amp = maps["amplitude"].flatten()[idx]
     diam = torch.tensor(SCALES, device=score.device)[maps["scale_index"].flatten()[idx]] * diameter
     n_cand = int(idx.numel())
 
-    noise_floor = score_noise_floor(score)
+    # null: the same candidates in white noise through the same filters
+    null_scores = torch.cat([m.flatten()[_candidates(m, d_w, margin)] for m in maps["null_score"]])
+    noise_floor = float(torch.quantile(null_scores, 0.5)) if null_scores.numel() else 0.0
     # junk: local power far above that of the typical candidate that stands out of the noise
     above = cand_scores >= (noise_floor if settings.threshold is None else float(settings.threshold))
     power_limit = JUNK_POWER_FACTOR * float(power[above].median()) if int(above.sum()) >= 3 else float("inf")
     junk = power > power_limit
     if settings.threshold is None:
-        threshold = auto_threshold(cand_scores[~junk], noise_floor)
+        threshold = auto_threshold(cand_scores[~junk], null_scores)
     else:
         threshold = float(settings.threshold)
     sel = (cand_scores >= threshold) & ~junk
