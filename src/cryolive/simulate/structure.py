@@ -268,11 +268,16 @@ def _scatter_linear(
         stride *= shape[ax]
     for ax in range(d):
         per_bit = []
+        b_ax = base[..., ax]
+        all_inside = bool(b_ax.min() >= 0) and bool(b_ax.max() + 1 < shape[ax])  # fast path: no masking
         for bit in (0, 1):
-            i = base[..., ax] + bit
+            i = b_ax + bit
             w = frac[..., ax] if bit else 1 - frac[..., ax]
-            inside = (i >= 0) & (i < shape[ax])
-            per_bit.append((i.clamp_(0, shape[ax] - 1) * strides[ax], w * inside))
+            if all_inside:
+                per_bit.append((i * strides[ax], w))
+            else:
+                inside = (i >= 0) & (i < shape[ax])
+                per_bit.append((i.clamp_(0, shape[ax] - 1) * strides[ax], w * inside))
         terms.append(per_bit)
     for corner in range(2**d):
         idx = offset
@@ -281,7 +286,7 @@ def _scatter_linear(
             it, wt = terms[ax][(corner >> ax) & 1]
             idx = idx + it
             w = wt if w is None else w * wt
-        grid.index_add_(0, idx.reshape(-1), w.reshape(-1).to(grid.dtype))
+        grid.index_add_(0, idx.reshape(-1), w.reshape(-1))
 
 
 def _render(
