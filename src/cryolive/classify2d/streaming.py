@@ -50,8 +50,13 @@ class BatchResult:
 
     ``class_index (n,)`` int64 (−1 while the classifier is still buffering before its first classes),
     ``max_probability (n,)`` posterior probability of that class (marginal over poses), ``psi_deg (n,)`` and
-    ``shift_yx_px (n, 2)`` the best pose: the particle ≈ ``shift(rotate(average, psi_deg), shift_yx_px)``,
-    ``log_likelihood (n,)`` of the best pose relative to an empty model (larger = fits better).
+    ``shift_yx_px (n, 2)`` the best pose: the particle ≈ ``shift_image_2d(rotate_images_2d(average, psi_deg),
+    shift_yx_px)`` (psi on the grid of ``settings.n_psi`` angles, integer shifts in pixels),
+    ``log_likelihood (n,)`` of the best pose relative to an empty model (larger = fits better; in units of the
+    per-shell noise, so comparable within one classifier only).
+
+    Relation to RELION: a projection at rlnAnglePsi = ψ shows its psi = 0 image rotated by −ψ (the rotation is
+    passive), so for particles of one view ``psi_deg + rlnAnglePsi`` is constant within a class (tested).
     """
 
     class_index: torch.Tensor
@@ -68,7 +73,8 @@ class Class2DSnapshot:
     ``averages (K, b, b)`` float32 CTF-corrected (Wiener) class averages, particles white;
     ``particle_counts (K,)`` effective number of particles behind each class (soft, after forgetting);
     ``class_distribution (K,)`` fractions summing to 1; ``resolution_angstrom (K,)`` where the FRC between the
-    two half-set averages of the class falls below 0.143 (999 for an empty class, as RELION writes);
+    two half-sets of the class (odd/even particles, ``Σ CTF·X`` sums, unmasked) first falls below 0.143 (999 for
+    a class with fewer than two particles in either half, as RELION writes for empty classes);
     ``alignment_resolution_angstrom`` the current alignment limit; ``n_particles_seen`` new particles so far.
     """
 
@@ -129,6 +135,10 @@ class StreamingClassifier2D:
     mask of the averages; default 0.9 × box), ``chunk_size`` (particles per E-step chunk, bounds memory),
     ``initial_temperature`` (≥ 1: posteriors are flattened by this factor at the first EM pass over the start
     set and annealed to 1 over the first half of the initial passes; 1 = no annealing).
+
+    Attributes: ``initialised`` (True once the first classes exist), ``alignment_resolution_angstrom``.
+    Methods: :meth:`update` (stream), :meth:`fit` (batch, same E/M-steps), :meth:`revisit`, :meth:`assign`
+    (E-step only), :meth:`snapshot`, :meth:`state_dict` / :meth:`load_state_dict`.
     """
 
     def __init__(
