@@ -98,7 +98,7 @@ def extract_particles(
     cols = lo_k[:, 1, None] + ar
     boxes = img[rows[:, :, None], cols[:, None, :]]  # (k, b, b)
     if ob != b:
-        boxes = fourier.fourier_crop_2d(boxes, (ob, ob))
+        boxes = fourier.fourier_crop_2d(boxes, (ob, ob)) if boxes.shape[0] else boxes.new_zeros((0, ob, ob))
     if invert_contrast:
         boxes = -boxes
     radius = 0.375 * ob if background_radius_px is None else float(background_radius_px)
