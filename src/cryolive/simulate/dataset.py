@@ -13,6 +13,10 @@ Layout::
     OUT/truth/hot_pixels.star      the detector's hot pixels
     OUT/simulation.json            the settings used and a summary
 
+Orientation: every array (frames, gain, micrographs) is stored as mrcfile/tifffile return it (row 0 first);
+coordinates refer to those arrays. RELION flips TIFF frames in Y on reading, so with RELION use the gain
+flipped in Y for the TIFF movies.
+
 Example::
 
     from cryolive.simulate import SimulationSettings, simulate_dataset
@@ -38,6 +42,18 @@ from ..io.star import write_star
 from . import physics
 from .movies import Detector, MovieSimulator, MovieTruth, SimulationSettings, make_detector
 from .structure import atoms_to_volume, load_atoms, particle_diameter_angstrom
+
+
+MICROGRAPH_COLUMNS = [
+    "rlnMicrographMovieName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "cryoliveStageTiltDeg",
+    "cryoliveTiltAxisDeg", "cryoliveIceThicknessAngstrom", "rlnMicrographOriginalPixelSize", "rlnVoltage",
+    "rlnSphericalAberration", "rlnAmplitudeContrast", "cryoliveDosePerFrame", "cryoliveNumberOfFrames",
+    "cryoliveNumberOfParticles",
+]
+PARTICLE_COLUMNS = [
+    "rlnMicrographMovieName", "rlnCoordinateX", "rlnCoordinateY", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi",
+    "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "cryoliveStructure", "cryoliveDiameterAngstrom",
+]
 
 
 def movie_dtype(settings: SimulationSettings) -> np.dtype:
@@ -192,10 +208,10 @@ def simulate_movie_with_truth(out_dir: Path, settings: SimulationSettings, index
 
 def write_truth_tables(out_dir: Path, truths: list[MovieTruth], settings: SimulationSettings) -> None:
     """(Re)write ``truth/exposures.star`` and ``truth/particles.star`` for the movies so far."""
-    mics = pd.DataFrame([micrograph_row(t, settings) for t in truths])
+    mics = pd.DataFrame([micrograph_row(t, settings) for t in truths], columns=MICROGRAPH_COLUMNS)
     write_star(out_dir / "truth" / "exposures.star", {"micrographs": mics})
     parts = [particle_rows(t) for t in truths]
-    parts_df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    parts_df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=PARTICLE_COLUMNS)
     write_star(out_dir / "truth" / "particles.star", {"particles": parts_df})
 
 

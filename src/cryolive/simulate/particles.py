@@ -203,10 +203,14 @@ def noiseless_particle_images(
     cs_mm: float = 2.7,
     amplitude_contrast: float = 0.1,
     bfactor_angstrom2: float = 20.0,
-    envelope_bfactor_angstrom2: float = 0.0,
+    envelope_bfactor_angstrom2: float = 60.0,
     solvent: bool = True,
 ) -> torch.Tensor:
-    """Noise-free references: ``CTF ⊛ projection`` (V·Å, particles positive) ``(b, box, box)``; no CTF if defocus is None."""
+    """Noise-free references: ``CTF ⊛ projection`` (V·Å, particles positive) ``(b, box, box)``; no CTF if defocus is None.
+
+    Same projection (solvent displaced), B-factor and imaging envelope as :func:`simulate_particle_stack`
+    (no damage, no inelastic loss, no noise), CTF applied in a 2× padded box.
+    """
     atoms = load_atoms(structure)
     v_ice = physics.ice_mean_potential_volt() if solvent else 0.0
     proj = project_atoms_2d(atoms, rotations, box_px, pixel_size_angstrom, None, bfactor_angstrom2, v_ice, 2)
