@@ -71,7 +71,8 @@ def test_process_cli_end_to_end(dataset, tmp_path):
         assert m.data.shape == (3, n_img, n_img)
     store = SessionStore(out / "session.sqlite")
     (failed,) = store.exposures("failed")
-    assert failed.name == "cut" and "truncated" in failed.error
+    assert failed.name == "cut" and failed.error.startswith("cut.tif: ")
+    assert "truncated" in failed.error or "corrupt TIFF" in failed.error
     timings = store.stage_results()
     assert {r["stage"] for r in timings} == {"motion", "ctf", "picking", "extraction"}
     assert all(r["metrics"]["seconds"] > 0 for r in timings)
