@@ -15,7 +15,6 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install --quiet --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
     python -m pip install --quiet torch==2.13.0
 fi

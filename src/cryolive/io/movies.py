@@ -120,7 +120,7 @@ def _tiff_pages(path: Path):
         pages = list(tif.pages)
     except Exception as exc:
         tif.close()
-        raise MovieError(f"{path.name}: corrupt TIFF page list: {exc}", transient=True) from exc
+        raise MovieError(f"{path.name}: truncated or corrupt TIFF page list: {exc}", transient=True) from exc
     if not pages:
         tif.close()
         raise MovieError(f"{path.name}: TIFF has no pages", transient=True)
