@@ -47,6 +47,10 @@ def sum_frames_or_die(frames, pixel_size_angstrom, dose_per_frame, voltage_kv, s
     return sum_frames(frames, pixel_size_angstrom, dose_per_frame, voltage_kv, settings)
 
 
+def ctf_that_raises(image, pixel_size_angstrom, voltage_kv, cs_mm, amplitude_contrast, settings):
+    raise ValueError("no Thon rings")
+
+
 def fixed_ctf(image, pixel_size_angstrom, voltage_kv, cs_mm, amplitude_contrast, settings):
     return SimpleNamespace(defocus_u=15000.0, defocus_v=14000.0, defocus_angle_deg=30.0, astigmatism=1000.0,
                            max_resolution_angstrom=5.0, figure_of_merit=0.3)
@@ -100,6 +104,12 @@ def _unchanged(frames, mask):
 
 FAKE_STAGES = dataclasses.replace(FAKE_STAGES, detect_hot_pixels=_no_hot_pixels, correct_defects=_unchanged)
 CRASHING_STAGES = dataclasses.replace(FAKE_STAGES, align_movie=sum_frames_or_die)
+
+
+@pytest.fixture
+def failing_ctf_stages():
+    """Like ``fake_stages``, but the CTF estimation raises ValueError."""
+    return dataclasses.replace(FAKE_STAGES, estimate_ctf=ctf_that_raises)
 
 
 @pytest.fixture

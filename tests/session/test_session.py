@@ -163,3 +163,13 @@ def test_2d_state_is_saved_and_reloaded_on_resume(tmp_path, movie_writer, fake_s
     assert clf.snapshot().n_particles_seen == 48  # 32 before the restart + 16 after: the state was reloaded
     p = read_star(out / "particles.star")["particles"]
     assert len(p) == 48 and set(p["rlnClassNumber"]) <= {1, 2} and (p["rlnClassNumber"] > 0).all()
+
+
+def test_algorithm_error_is_recorded_with_its_stage_and_no_partial_results(tmp_path, movie_writer,
+                                                                           failing_ctf_stages, small_settings):
+    movie_writer(tmp_path / "a.mrc")
+    with Session(tmp_path / "out", small_settings, stages=failing_ctf_stages) as s:
+        status = s.process([tmp_path / "a.mrc"])
+        (exp,) = s.store.exposures()
+        assert s.store.count_stage_results(exp.id) == 0  # motion ran, but the exposure is recorded as a whole
+    assert status.n_failed == 1 and exp.error == "ctf: ValueError: no Thon rings" and exp.attempts == 1
