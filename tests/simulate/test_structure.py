@@ -129,3 +129,12 @@ def test_random_aggregate_size():
     assert junk.name == "junk"
     assert 60 < particle_diameter_angstrom(junk) <= 124.0
     assert junk.n_atoms > 1000
+
+
+def test_fragment_aggregate_uses_source_atoms():
+    g = torch.Generator().manual_seed(2)
+    src = load_atoms("6ny1")
+    junk = random_aggregate(130.0, generator=g, source=src)
+    assert set(junk.elements) <= set(src.elements) and "P" in junk.elements  # nucleic-acid fragments kept
+    assert particle_diameter_angstrom(junk) <= 134.0
+    assert 200 < junk.n_atoms

@@ -242,9 +242,10 @@ class MovieSimulator:
         n_p, n_j = s.particles_per_micrograph, s.junk_per_micrograph
         diam = [particle_diameter_angstrom(m) for m in self.models]
         kinds = torch.randint(0, len(self.models), (n_p,), generator=g).tolist() if self.models else []
-        junk_models = [
-            random_aggregate(float(np.mean(diam)) * (0.6 + 0.6 * float(torch.rand(1, generator=g))), generator=g)
-            for _ in range(n_j)
+        junk_models = [  # half amorphous clumps, half clumps of fragments of the structures
+            random_aggregate(float(np.mean(diam)) * (0.6 + 0.6 * float(torch.rand(1, generator=g))), generator=g,
+                             source=self.models[j % len(self.models)] if self.models and j % 2 else None)
+            for j in range(n_j)
         ]
         objects = [(self.models[k], self.models[k].name, diam[k]) for k in kinds]
         objects += [(m, "junk", particle_diameter_angstrom(m)) for m in junk_models]

@@ -75,7 +75,8 @@ def simulate_particle_stack(
         dose_e_per_a2: total exposure of the (unweighted) sum; sets the Poisson noise and the damage.
         ice_thickness_angstrom: ice around the particle (background noise, solvent contrast, inelastic loss);
             0 = vacuum.
-        junk_fraction: fraction of images that are random aggregates of comparable size (label −1).
+        junk_fraction: fraction of images that are random aggregates of comparable size (label −1): amorphous
+            clumps and clumps of fragments of the structures.
         max_shift_px: particle centre offsets uniform in ±max_shift_px (y and x; content moved by +shift).
         bfactor_angstrom2: B-factor applied to all atoms.
         envelope_bfactor_angstrom2: imaging envelope ``exp(−B k²/4)`` on the CTF (coherence, detector MTF,
@@ -115,9 +116,10 @@ def simulate_particle_stack(
     # a pool of junk aggregates of comparable size, reused in random orientations
     n_junk = int((label < 0).sum())
     mean_diam = float(np.mean(diameters))
-    junk_pool = [
-        random_aggregate(mean_diam * (0.7 + 0.6 * float(torch.rand(1, generator=g))), generator=g)
-        for _ in range(min(n_junk, 16))
+    junk_pool = [  # half amorphous clumps, half clumps of fragments of the structures
+        random_aggregate(mean_diam * (0.7 + 0.6 * float(torch.rand(1, generator=g))), generator=g,
+                         source=models[j % len(models)] if j % 2 else None)
+        for j in range(min(n_junk, 16))
     ]
     junk_choice = torch.randint(0, max(1, len(junk_pool)), (n,), generator=g)
     diameter = torch.tensor(

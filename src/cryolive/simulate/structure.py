@@ -424,30 +424,42 @@ def random_aggregate(
     generator: torch.Generator | None = None,
     n_blobs: int | None = None,
     density_per_angstrom3: float = 1.0 / DEFAULT_ATOM_VOLUME_ANGSTROM3,
+    source: Atoms | None = None,
 ) -> Atoms:
-    """A junk "aggregate": a clump of overlapping random blobs of amorphous protein-like matter.
+    """A junk "aggregate": a clump of 2–7 overlapping blobs inside a sphere of ``diameter_angstrom``.
 
-    Pseudo-atoms (C:N:O:S ≈ 62:17:20:1) fill 2–7 random spheres inside a sphere of
-    ``diameter_angstrom`` at protein atom density; the result is centred like a model.
+    Without ``source`` each blob is amorphous protein-like matter: pseudo-atoms (C:N:O:S ≈ 62:17:20:1) at
+    protein atom density. With ``source`` each blob is a fragment of that model (its atoms within a random
+    sphere, randomly rotated) — broken and clumped particles. The result is centred like a model.
     """
+    from ..geometry import random_rotations
+
     g = generator
     if n_blobs is None:
         n_blobs = int(torch.randint(2, 8, (1,), generator=g))
     radius = diameter_angstrom / 2
-    pts = []
+    pts, syms = [], []
     for _ in range(n_blobs):
         r_blob = radius * (0.25 + 0.3 * float(torch.rand(1, generator=g)))
         d = torch.randn(3, generator=g)
         centre = d / d.norm() * (radius - r_blob) * float(torch.rand(1, generator=g)) ** 0.5
+        if source is not None and source.n_atoms:
+            pick = source.coords[int(torch.randint(0, source.n_atoms, (1,), generator=g))]
+            near = (source.coords - pick).norm(dim=1) < r_blob
+            frag = source.coords[near] - pick
+            rot = random_rotations(1, generator=g)[0]
+            pts.append(frag @ rot.T + centre)
+            syms.append(source.element_symbols[near.numpy()])
+            continue
         n = int(density_per_angstrom3 * 4 / 3 * math.pi * r_blob**3)
         u = torch.randn(n, 3, generator=g)
         u = u / u.norm(dim=1, keepdim=True) * r_blob * torch.rand(n, 1, generator=g) ** (1 / 3)
         pts.append(u + centre)
+        probs = torch.tensor([0.62, 0.17, 0.20, 0.01])
+        idx = torch.multinomial(probs, n, replacement=True, generator=g)
+        syms.append(np.array(["C", "N", "O", "S"])[idx.numpy()])
     xyz = torch.cat(pts)
-    probs = torch.tensor([0.62, 0.17, 0.20, 0.01])
-    idx = torch.multinomial(probs, xyz.shape[0], replacement=True, generator=g)
-    symbols = np.array(["C", "N", "O", "S"])[idx.numpy()]
-    return Atoms.from_arrays(xyz.numpy(), symbols, name="junk")
+    return Atoms.from_arrays(xyz.numpy(), np.concatenate(syms), name="junk")
 
 
 __all__ = [
