@@ -131,7 +131,7 @@ def test_worker_process_dying_fails_only_its_movie(tmp_path, movie_writer, crash
     movie_writer(movies / "a.mrc", t=4)
     movie_writer(movies / "dies.mrc", t=3)
     movie_writer(movies / "b.mrc", t=4, seed=2)
-    settings = small_settings.model_copy(update={"n_workers": 2})  # all three in flight at once
+    settings = small_settings.model_copy(update={"n_workers": 3})  # all three in flight at once
     with Session(tmp_path / "out", settings, stages=crashing_stages, max_attempts=2) as s:
         status = s.process([movies])
         by_name = {e.name: e for e in s.store.exposures()}

@@ -55,8 +55,8 @@ class LocalExecutor:
 
     @property
     def capacity(self) -> int:
-        """How many tasks to keep in flight to keep every worker busy."""
-        return self.n_workers + 1
+        """How many tasks to keep in flight: one per worker (so "processing" in the store means running)."""
+        return self.n_workers
 
     def __enter__(self):
         return self
