@@ -41,6 +41,7 @@ class SyntheticMicrograph:
     noiseless: torch.Tensor  # (h, w) expected counts, same scale
     true_yx_px: torch.Tensor  # (n, 2) particle centres (row, column), micrograph pixels
     junk_yx_px: torch.Tensor  # (m, 2) aggregate centres
+    junk_radius_px: torch.Tensor  # (m,) aggregate radii
     thickness_angstrom: torch.Tensor  # (h, w) projected protein thickness of the particles only
     ctf: dict
     pixel_size_angstrom: float
@@ -217,4 +218,4 @@ def make_micrograph(
         defocus_u=defocus_u, defocus_v=defocus_v, defocus_angle_deg=angle, voltage_kv=voltage_kv,
         cs_mm=cs_mm, amplitude_contrast=amplitude_contrast,
     )
-    return SyntheticMicrograph(noisy, noiseless, true_yx, junk, thick, ctf, ps, diameter_angstrom, dose)
+    return SyntheticMicrograph(noisy, noiseless, true_yx, junk, junk_r_px, thick, ctf, ps, diameter_angstrom, dose)

@@ -64,8 +64,9 @@ class Picks:
     - ``coords_yx_px (n, 2)`` float32: (row, column) in pixels of the input micrograph (0-based pixel centres).
     - ``scores (n,)``: normalised cross-correlation with the best-matching blob template, in [-1, 1].
     - ``local_power (n,)``: mean power of the flipped micrograph (features from ~diameter/6 to 6 × diameter)
-      within one diameter of the pick, relative to its median over the micrograph (≈1 for empty ice, ~1.5 for
-      particles); aggregates, contamination and carbon edges are strong outliers.
+      within one diameter, relative to its median over the micrograph (≈1 for empty ice); aggregates,
+      contamination and carbon edges are strong outliers: picks with ``local_power > power_limit`` are
+      rejected as junk.
     - ``amplitude (n,)``: least-squares contrast of the matched template (same relative units).
     - ``diameter_angstrom (n,)``: diameter of the best-matching template.
     - ``threshold``: score threshold applied (given or automatic, see :func:`auto_threshold`); ``noise_floor``:
@@ -270,7 +271,8 @@ def auto_threshold(candidate_scores: torch.Tensor, null_scores: torch.Tensor, fd
     is estimated as ``π0 = #(candidates below the noise median) / (n / 2)`` (particles seldom score below
     the median noise peak), the expected number of noise picks above ``t`` as ``π0 · n · P_noise(score ≥ t)``,
     and the threshold is the lowest candidate score at which that is at most ``fdr`` of the picks above it,
-    but at least the ``AUTO_MIN_NULL_QUANTILE`` quantile of the noise peaks.
+    but at least the ``AUTO_MIN_NULL_QUANTILE`` quantile of the noise peaks and at most the
+    ``AUTO_MAX_NULL_QUANTILE`` one (rising to the highest noise peak as π0 goes from 0.8 to 1).
     Crowded micrographs (few noise candidates) thus get a low threshold, empty ones a high one. Returns
     ``inf`` when no threshold meets the rate.
     """
@@ -293,8 +295,10 @@ def auto_threshold(candidate_scores: torch.Tensor, null_scores: torch.Tensor, fd
     t_fdr = float(v[int(ok.max())]) if ok.numel() else float("inf")
     # never below a low quantile of the noise peaks (lower scores are shoulders of particles and of junk), and
     # never above a high one (π0 is an upper bound: weak particles also score below the noise median)
+    # (the cap rises to the highest noise peak as π0 → 1: a micrograph of noise alone yields ~no picks)
     lo = float(null[int(AUTO_MIN_NULL_QUANTILE * (m - 1))])
-    hi = float(null[int(AUTO_MAX_NULL_QUANTILE * (m - 1))])
+    q_hi = AUTO_MAX_NULL_QUANTILE + (1 - AUTO_MAX_NULL_QUANTILE) * min(1.0, max(0.0, (pi0 - 0.8) / 0.2))
+    hi = float(null[int(q_hi * (m - 1))])
     return max(lo, min(t_fdr, hi))
 
 
