@@ -23,7 +23,9 @@ the centre of mass, to image coordinates; projections integrate over the new z. 
 Implementation: atoms are spread (bilinear / trilinear weights) on a grid oversampled ``oversampling``
 times, per element; the grids are Fourier transformed, cropped to the output band, multiplied by
 each element's form factor (divided by the interpolation kernel's transform, ``sinc²``), summed and
-transformed back. Batched over projections, chunked to bound memory.
+transformed back. Batched over projections, chunked to bound memory. Output values are samples, at
+pixel centres, of the potential band-limited to the output Nyquist frequency (no pixel-area average;
+detector MTF and other imaging envelopes belong to the image simulators).
 """
 
 from __future__ import annotations
