@@ -140,6 +140,16 @@ class Progress:
             self(st)
 
 
+def _stop_on_sigterm() -> None:
+    """Treat SIGTERM (kill, systemd, a batch system) like Ctrl-C: finish cleanly and write the outputs."""
+    import signal
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def _summary(st, out: Path) -> None:
     typer.echo(f"{st.n_done} exposures done, {st.n_failed} failed, {st.n_particles} particles; results in {out}")
 
@@ -215,6 +225,7 @@ def live(
                          particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
                          write_no_dw)
     _check_gain(settings)
+    _stop_on_sigterm()
     watch_dir.mkdir(parents=True, exist_ok=True)
     with Progress(f"cryolive live {watch_dir} → {out}") as progress:
         with Session(out, settings, progress=progress) as session:
