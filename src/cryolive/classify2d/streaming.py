@@ -86,12 +86,18 @@ class Class2DSnapshot:
     n_particles_seen: int
 
 
-def rotate_images_2d(images: torch.Tensor, angle_deg: torch.Tensor) -> torch.Tensor:
+def rotate_images_2d(images: torch.Tensor, angle_deg: torch.Tensor, oversampling: int = 1) -> torch.Tensor:
     """Rotate the content of ``images (N, h, w)`` counter-clockwise by ``angle_deg (N,)`` about ``(h//2, w//2)``.
 
     Bilinear interpolation (``grid_sample``), zero outside. Acts on (x = column, y = row) like
     :func:`cryolive.geometry.rotation_matrix_2d`: a point at ``r`` moves to ``R(angle) r``.
+    ``oversampling`` > 1 interpolates on a Fourier-padded grid and crops back: bilinear interpolation then
+    barely attenuates the original band and its aliases fall outside it (needed for high-resolution sums).
     """
+    if oversampling > 1:
+        h, w = images.shape[-2:]
+        big = fourier.fourier_pad_2d(images.float(), (h * oversampling, w * oversampling))
+        return fourier.fourier_crop_2d(rotate_images_2d(big, angle_deg), (h, w))
     n, h, w = images.shape
     dev = images.device
     a = torch.deg2rad(angle_deg.to(device=dev, dtype=torch.float32))
@@ -298,15 +304,20 @@ class StreamingClassifier2D:
         return x, par
 
     def _signal_power_reg(self, num_ft, den):
-        """Wiener regulariser σ²/τ² per Fourier sample for statistics ``num_ft (..., b, b2)``, ``den``."""
-        sig2 = self.sigma2[self.shells.clamp(max=self.n_shells - 1)]
-        raw = num_ft / den.clamp(min=1e-3)
-        noise = sig2 / den.clamp(min=1e-3)
-        p_raw = fourier.radial_average_2d(raw.abs() ** 2)  # (..., n_shells)
-        p_noise = fourier.radial_average_2d(noise)
-        tau2 = (p_raw - p_noise).clamp(min=1e-3 * p_noise.clamp(min=1e-12))  # (..., n_shells)
-        tau2_f = tau2[..., self.shells.clamp(max=self.n_shells - 1)]
-        return sig2 / tau2_f
+        """Wiener regulariser σ²/τ² per Fourier sample for statistics ``num_ft (..., b, b2)``, ``den``.
+
+        The class's signal power per shell is estimated from ``E|Σ CTF·X|² ≈ τ² (Σ CTF²)² + σ² Σ CTF²`` summed
+        over the shell, ``τ² = (Σ|num|² − σ² Σ den) / Σ den²``, which avoids dividing by small ``den`` near CTF
+        zeros."""
+        shells = self.shells.clamp(max=self.n_shells - 1)
+        sig2 = self.sigma2[shells]
+        p_num = fourier.radial_average_2d(num_ft.abs() ** 2)  # (..., n_shells)
+        p_noise = fourier.radial_average_2d(sig2 * den)
+        p_den2 = fourier.radial_average_2d(den**2).clamp(min=1e-12)
+        tau2 = (p_num - p_noise) / p_den2
+        floor = 1e-4 * (p_noise / p_den2).clamp(min=1e-12)
+        tau2 = torch.maximum(tau2, floor)
+        return sig2 / tau2[..., shells]
 
     def _averages(self, halves: bool = False) -> torch.Tensor:
         """Wiener class averages ``(K, b, b)`` (or ``(2, K, b, b)`` per half-set) from the statistics."""
@@ -322,7 +333,7 @@ class StreamingClassifier2D:
         if self._refs_cache is None:
             avg = self._averages()  # (K, b, b)
             P = self.psi_values.shape[0]
-            rot = rotate_images_2d(avg.repeat_interleave(P, 0), self.psi_values.repeat(self.K))
+            rot = rotate_images_2d(avg.repeat_interleave(P, 0), self.psi_values.repeat(self.K), oversampling=2)
             self._refs_cache = torch.fft.rfft2(rot * self.mask)  # (K·P, b, b2)
         return self._refs_cache
 
@@ -443,7 +454,7 @@ class StreamingClassifier2D:
             i_, k_, w_, p_, s_ = (t[c0 : c0 + step] for t in (ii, kk, ww, psi, sh))
             ctf = self._ctf(par[i_])
             cx_ft = torch.fft.rfft2(x[i_]) * ctf * fourier.phase_shift_2d(-s_, (b, b))
-            cx = rotate_images_2d(torch.fft.irfft2(cx_ft, s=(b, b)), -p_)
+            cx = rotate_images_2d(torch.fft.irfft2(cx_ft, s=(b, b)), -p_, oversampling=2)
             c2 = torch.fft.fftshift(self._ctf(par[i_], rfft=False) ** 2, dim=(-2, -1))
             c2 = torch.fft.ifftshift(rotate_images_2d(c2, -p_), dim=(-2, -1))[..., : b // 2 + 1]
             flat = half[i_] * K + k_
