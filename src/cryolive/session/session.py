@@ -323,6 +323,8 @@ class Session:
                 else:
                     if watcher.waiting:
                         last_activity = time.monotonic()
+                    if self.class2d.feed(final=True):  # caught up: bring the classes up to date
+                        self._dirty = True
                     self._maybe_write_outputs()
                     time.sleep(poll_s)
                 self._report()
@@ -508,8 +510,9 @@ def write_particles_star(out: Path, store: SessionStore, settings: Settings, cac
 class Class2DStage:
     """Feeds accepted particles to :class:`cryolive.classify2d.StreamingClassifier2D` in batches.
 
-    The classifier starts once ``settings.class2d.min_particles_to_start`` accepted particles exist; after
-    that every ``batch_size`` new particles (or all remaining ones at ``feed(final=True)``) are fed. After
+    The classifier starts once ``settings.class2d.min_particles_to_start`` accepted particles exist (all of
+    them are fed then); after that new particles are fed once ``batch_size`` have come, or all remaining ones
+    at ``feed(final=True)`` (the session calls it when it has caught up with the microscope, and at the end). After
     each feed its state is saved (``OUT/class2d/state.pt``) and classes.mrcs / classes.star are rewritten.
     """
 
@@ -544,12 +547,14 @@ class Class2DStage:
         unfed = df[~df["_exposure_id"].isin(fed_ids)]
         if unfed.empty:
             return 0
+        starting = False
         if self.classifier is None:
             resuming = self.store.get_value("class2d_state") is not None
             if not resuming and len(df) < s.min_particles_to_start:
                 return 0
+            starting = not resuming  # the first classes: use every particle there is now
             self.classifier = self._create(int(ext["output_box_size_px"]), float(ext["particle_pixel_size_angstrom"]))
-        if not final and len(unfed) < s.batch_size:
+        if not final and not starting and len(unfed) < s.batch_size:
             return 0
         import torch
 
