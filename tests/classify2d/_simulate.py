@@ -122,3 +122,33 @@ def purity(class_index: torch.Tensor, types: torch.Tensor) -> float:
         m = class_index == k
         good += int(torch.bincount(types[m]).max())
     return good / len(types)
+
+
+def frc_with_truth(avg: torch.Tensor, view, pixel_size: float, bfactor_angstrom2: float = 50.0) -> torch.Tensor:
+    """FRC ``(b//2+1,)`` of a class average with the exact projection of its true ``view`` (name, rot, tilt).
+
+    In-plane angle found on a 0.5° grid (interpolated), then the truth is re-projected from the atoms at that
+    psi (no interpolation), placed by the best integer shift and refined on a 0.1 px sub-pixel grid."""
+    from cryolive.geometry import euler_angles_to_matrix
+    from cryolive.simulate.structure import load_atoms, project_atoms_2d
+
+    b = avg.shape[-1]
+    name, rot, tilt = view
+    atoms = load_atoms(name)
+    template = project_atoms_2d(atoms, euler_angles_to_matrix(rot, tilt, 0.0), b, pixel_size,
+                                bfactor_angstrom2=bfactor_angstrom2, oversampling=1)[0]
+    angles = torch.arange(0, 360, 0.5)
+    rotated = rotate_images_2d(template[None].expand(len(angles), -1, -1), angles)
+    cc = torch.fft.irfft2(torch.fft.rfft2(avg)[None] * torch.fft.rfft2(rotated).conj(), s=(b, b))
+    i = int(cc.reshape(len(angles), -1).max(-1).values.argmax())
+    pos = int(cc[i].argmax())
+    shift = (torch.tensor([[pos // b, pos % b]], dtype=torch.float32) + b / 2) % b - b / 2
+    # rotating the image by +angle is the projection at psi = -angle (passive rotation)
+    exact = project_atoms_2d(atoms, euler_angles_to_matrix(rot, tilt, -float(angles[i])), b, pixel_size,
+                             shifts_yx_px=shift, bfactor_angstrom2=bfactor_angstrom2, oversampling=1)[0]
+    g = torch.arange(-0.5, 0.51, 0.1)
+    sub = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    candidates = fourier.shift_image_2d(exact[None].expand(len(sub), -1, -1), sub)
+    mask = fourier.circular_mask_2d((b, b), 0.45 * b).float()
+    frc = fourier.fourier_ring_correlation((avg * mask)[None].expand(len(sub), -1, -1), candidates * mask)
+    return frc[int(frc[:, b // 8 :].sum(-1).argmax())]

@@ -14,7 +14,7 @@ from cryolive import fourier
 from cryolive.classify2d import StreamingClassifier2D, rotate_images_2d
 from cryolive.config import Class2DSettings
 
-from ._simulate import OPTICS, best_aligned_correlation, purity, structure_stack
+from ._simulate import OPTICS, best_aligned_correlation, frc_with_truth, purity, structure_stack
 
 BOX, PIXEL, SNR, N = 64, 2.5, 0.07, 1000
 VIEWS = [("6ny1", 0, 0), ("6ny1", 0, 90), ("3j5p", 0, 0), ("3j5p", 30, 90)]
@@ -68,6 +68,26 @@ def test_batch_fit_purity_and_averages_match_truth(stack, batch_run):
     # correlate with one another at 0.50-0.75 after alignment, so 0.9 singles out the right one)
     assert quality.min() >= 0.93
     assert float(result.max_probability.mean()) > 0.8
+
+
+def test_half_set_resolution_is_honest(stack, batch_run):
+    """The per-class resolution from the half-set FRC (0.143) agrees with the FRC of the average against the
+    exact truth (0.5, the equivalent threshold for a full set against a noise-free reference)."""
+    clf, result = batch_run
+    snap = clf.snapshot()
+    checked = 0
+    for k in result.class_index.unique().tolist():
+        in_k = result.class_index == k
+        if in_k.sum() < 100:
+            continue
+        t = int(torch.bincount(stack["types"][in_k]).argmax())
+        frc = frc_with_truth(snap.averages[k], VIEWS[t], PIXEL)
+        true_res = fourier.resolution_at_threshold(frc, BOX, PIXEL, 0.5)
+        est = float(snap.resolution_angstrom[k])
+        print(f"class {k}: estimated {est:.1f} Å, against truth {true_res:.1f} Å")
+        assert 0.75 * true_res <= est <= 1.4 * true_res
+        checked += 1
+    assert checked >= len(VIEWS)
 
 
 def test_poses_are_consistent_with_truth(stack, batch_run):

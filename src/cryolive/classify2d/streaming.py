@@ -99,18 +99,37 @@ def rotate_images_2d(images: torch.Tensor, angle_deg: torch.Tensor, oversampling
         big = fourier.fourier_pad_2d(images.float(), (h * oversampling, w * oversampling))
         return fourier.fourier_crop_2d(rotate_images_2d(big, angle_deg), (h, w))
     n, h, w = images.shape
-    dev = images.device
-    a = torch.deg2rad(angle_deg.to(device=dev, dtype=torch.float32))
-    c, s = torch.cos(a)[:, None, None], torch.sin(a)[:, None, None]
-    y = torch.arange(h, device=dev, dtype=torch.float32) - h // 2
-    x = torch.arange(w, device=dev, dtype=torch.float32) - w // 2
-    yy, xx = torch.meshgrid(y, x, indexing="ij")
-    # source = R^T (out - centre) + centre
-    xs = c * xx + s * yy + w // 2
-    ys = -s * xx + c * yy + h // 2
-    grid = torch.stack([(2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1], dim=-1)  # (N, h, w, 2)
-    out = F.grid_sample(images[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out[:, 0]
+    a = torch.deg2rad(angle_deg.to(device=images.device, dtype=torch.float32))
+    c, s = torch.cos(a), torch.sin(a)
+    # normalised coordinates (align_corners=False): pixel j sits at (2j + 1)/w - 1, the centre w//2 at 1/w
+    cx, cy = 1.0 / w, 1.0 / h
+    # source = R^T (out - centre) + centre with R = [[c, -s], [s, c]] on (x, y) in pixels; in normalised
+    # coordinates (x scaled by 2/w, y by 2/h) R^T becomes [[c, s h/w], [-s w/h, c]]
+    a11, a12, a21, a22 = c, s * (h / w), -s * (w / h), c
+    theta = torch.stack(
+        [
+            torch.stack([a11, a12, cx - (a11 * cx + a12 * cy)], -1),
+            torch.stack([a21, a22, cy - (a21 * cx + a22 * cy)], -1),
+        ],
+        -2,
+    )  # (N, 2, 3)
+    x = images[:, None].float()
+    uniq, inverse = torch.unique(angle_deg.to(images.device), return_inverse=True)
+    if len(uniq) * 8 > n:  # (nearly) all angles differ: one sampling grid per image
+        grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+    # few distinct angles (a psi grid): one grid per angle, shared by its images
+    out = torch.empty_like(images, dtype=torch.float32)
+    first = torch.zeros(len(uniq), dtype=torch.long, device=images.device).scatter_(
+        0, inverse, torch.arange(n, device=images.device)
+    )
+    for j in range(len(uniq)):
+        idx = torch.nonzero(inverse == j).flatten()
+        grid = F.affine_grid(theta[first[j]][None], [1, 1, h, w], align_corners=False)
+        out[idx] = F.grid_sample(
+            x[idx], grid.expand(len(idx), -1, -1, -1), mode="bilinear", padding_mode="zeros", align_corners=False
+        )[:, 0]
+    return out
 
 
 def _soft_disc(b: int, radius: float, width: float, device) -> torch.Tensor:
@@ -454,7 +473,12 @@ class StreamingClassifier2D:
             i_, k_, w_, p_, s_ = (t[c0 : c0 + step] for t in (ii, kk, ww, psi, sh))
             ctf = self._ctf(par[i_])
             cx_ft = torch.fft.rfft2(x[i_]) * ctf * fourier.phase_shift_2d(-s_, (b, b))
-            cx = rotate_images_2d(torch.fft.irfft2(cx_ft, s=(b, b)), -p_, oversampling=2)
+            # rotate on a 2× grid (zero-padded transform) and crop back, see rotate_images_2d(oversampling=2)
+            big = torch.zeros(cx_ft.shape[0], 2 * b, b + 1, dtype=cx_ft.dtype, device=cx_ft.device)
+            big[:, : b // 2, : b // 2 + 1] = cx_ft[:, : b // 2]
+            big[:, 2 * b - b // 2 :, : b // 2 + 1] = cx_ft[:, b // 2 :]
+            big = torch.fft.irfft2(big, s=(2 * b, 2 * b)) * 4.0
+            cx = fourier.fourier_crop_2d(rotate_images_2d(big, -p_), (b, b))
             c2 = torch.fft.fftshift(self._ctf(par[i_], rfft=False) ** 2, dim=(-2, -1))
             c2 = torch.fft.ifftshift(rotate_images_2d(c2, -p_), dim=(-2, -1))[..., : b // 2 + 1]
             flat = half[i_] * K + k_
