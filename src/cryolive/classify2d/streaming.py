@@ -703,7 +703,8 @@ class StreamingClassifier2D:
     @torch.no_grad()
     def fit(self, images, defocus_u, defocus_v, defocus_angle_deg, n_iterations: int = 10) -> BatchResult:
         """Batch mode: classify all particles at once with ``n_iterations`` full EM passes (same E- and M-steps
-        as :meth:`update`), after the same initialisation if there are no classes yet."""
+        as :meth:`update`), after the same initialisation if there are no classes yet. On a classifier that
+        already has classes the passes start from them, and the statistics become those of these particles."""
         x, par = self._as_inputs(images, defocus_u, defocus_v, defocus_angle_deg)
         half = self._halves(x.shape[0])
         self._remember(x, par, half)
