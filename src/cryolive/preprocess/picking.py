@@ -12,8 +12,9 @@
 4. candidates: local maxima, greedy non-maximum suppression at 0.8 × diameter, no peaks within half a default
    extraction box of the edges;
 5. junk rejection: candidates whose local power (features up to 6 × diameter within one diameter) exceeds
-   2.5 × the median of the candidates standing out of the noise — aggregates, ice contamination and carbon
-   edges scatter far more than particles;
+   2.5 × the median of the candidates standing out of the noise, or whose local projected mass (darkness of
+   the raw image at low resolution) is a 4σ outlier — aggregates, ice contamination and carbon edges
+   scatter far more, and are far denser, than particles;
 6. automatic threshold (``settings.threshold is None``) calibrated on a null: the same filters and NCC on
    white noise give the score distribution of noise peaks, and a false-discovery-rate rule
    (:func:`auto_threshold`) adapts it to how crowded the micrograph is (empty micrographs yield few picks);
@@ -43,9 +44,9 @@ from .. import fourier
 from ..config import PickingSettings
 
 # diameters tried, as fractions of the nominal particle diameter
-SCALES = (0.8, 0.9, 1.0, 1.1, 1.2)
+SCALES = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1)
 WORKING_PIXELS_PER_DIAMETER = 22.0
-MIN_DISTANCE_FACTOR = 0.8  # minimum distance between picks, × diameter
+MIN_DISTANCE_FACTOR = 0.8  # minimum distance between picks, × the larger best-matching template diameter
 NULL_SEED = 20240611
 NULL_REALISATIONS = 4
 AUTO_FDR = 0.2  # automatic threshold: estimated fraction of noise among the picks
@@ -55,6 +56,8 @@ JUNK_POWER_FACTOR = 2.5  # reject picks whose local power exceeds this × the pi
 BAND_HIGHPASS_DIAMETERS = 4.0  # the score's band keeps features up to ~ this × the diameter
 BAND_LOWPASS_PER_DIAMETER = 6.0  # ... and down to ~ diameter / this
 JUNK_HIGHPASS_DIAMETERS = 6.0  # the junk power keeps features up to this × the diameter
+JUNK_MASS_HIGHPASS_DIAMETERS = 10.0  # the local mass is measured against the background beyond this × diameter
+JUNK_MASS_Z = 4.0  # reject picks whose local mass z-score exceeds this
 
 
 @dataclass
@@ -67,6 +70,9 @@ class Picks:
       within one diameter, relative to its median over the micrograph (≈1 for empty ice); aggregates,
       contamination and carbon edges are strong outliers: picks with ``local_power > power_limit`` are
       rejected as junk.
+    - ``mass (n,)``: local projected mass (darkness of the raw micrograph within ~diameter/4, against the
+      background beyond 10 × diameter) as a robust z-score over the micrograph; picks above ``JUNK_MASS_Z``
+      are rejected as junk (aggregates and ice contamination are far denser than a single particle).
     - ``amplitude (n,)``: least-squares contrast of the matched template (same relative units).
     - ``diameter_angstrom (n,)``: diameter of the best-matching template.
     - ``threshold``: score threshold applied (given or automatic, see :func:`auto_threshold`); ``noise_floor``:
@@ -77,6 +83,7 @@ class Picks:
     coords_yx_px: torch.Tensor
     scores: torch.Tensor
     local_power: torch.Tensor
+    mass: torch.Tensor
     amplitude: torch.Tensor
     diameter_angstrom: torch.Tensor
     threshold: float
@@ -116,15 +123,25 @@ def _disc_wrapped(shape: tuple[int, int], radius_px: float, device) -> torch.Ten
     return (r2 <= radius_px**2).to(torch.float32)
 
 
+def _subtract_plane(image: torch.Tensor) -> torch.Tensor:
+    """``image (h, w)`` minus its least-squares plane (ice-thickness gradients would otherwise wrap around the
+    periodic FFT boundary as a step and ring through the low frequencies)."""
+    h, w = image.shape
+    y = torch.linspace(-1, 1, h, device=image.device)[:, None].expand(h, w)
+    x = torch.linspace(-1, 1, w, device=image.device)[None, :].expand(h, w)
+    a = torch.stack([torch.ones_like(y), y, x], -1).reshape(-1, 3)
+    coef = torch.linalg.lstsq(a, image.reshape(-1, 1)).solution
+    return image - (a @ coef).reshape(h, w)
+
+
 def _preprocess(
     micrograph: torch.Tensor, pixel_size_angstrom: float, diameter_angstrom: float, ctf: dict | None
 ) -> tuple[torch.Tensor, float, tuple[float, float], torch.Tensor, tuple[int, int]]:
-    """Downsample, phase-flip and negate → (rfft2 of the working image (nh, nw//2+1) with particles white,
-    working pixel size (Å), (scale_y, scale_x) micrograph px per working px, |k| (1/Å) of the rfft grid,
+    """Downsample and negate → (rfft2 of the negated working image (nh, nw//2+1), the phase flip ±1 of the
+    same shape (the sign of the CTF, or ones), working pixel size (Å), (scale_y, scale_x) micrograph px per working px, |k| (1/Å) of the rfft grid,
     working shape (nh, nw))."""
     h, w = micrograph.shape[-2:]
-    img = micrograph.to(torch.float32)
-    img = img - img.mean()
+    img = _subtract_plane(micrograph.to(torch.float32))
     target = max(pixel_size_angstrom, diameter_angstrom / WORKING_PIXELS_PER_DIAMETER)
     nh = min(_even(h * pixel_size_angstrom / target), h - h % 2)
     nw = min(_even(w * pixel_size_angstrom / target), w - w % 2)
@@ -134,26 +151,32 @@ def _preprocess(
     ps_w = pixel_size_angstrom * 0.5 * (scale[0] + scale[1])
     ft = torch.fft.rfft2(img)
     k = fourier.frequency_radius_2d((nh, nw), ps_w, True, img.device)  # 1/Å
-    filt = -torch.ones_like(k)  # negate: particles white
+    flip = torch.ones_like(k)
     if ctf is not None:
         c = ctf_mod.calculate_ctf_2d(
             ctf["defocus_u"], ctf["defocus_v"], ctf["defocus_angle_deg"], ctf["voltage_kv"], ctf["cs_mm"],
             ctf["amplitude_contrast"], ps_w, (nh, nw), device=img.device,
         )
-        filt = filt * torch.sign(c)
-    return ft * filt, ps_w, scale, k, (nh, nw)
+        flip = torch.where(c < 0, -1.0, 1.0)
+    return -ft, flip, ps_w, scale, k, (nh, nw)  # negated: particles white (at low frequency)
 
 
-def _ncc_best(ft: torch.Tensor, template_filter: torch.Tensor, ps_w: float, diameter_angstrom: float, shape: tuple[int, int]):
-    """Best NCC over the template diameters for band-passed image transforms ``ft (..., nh, nw//2+1)``.
+def _ncc_best(
+    ft: torch.Tensor, template_filter: torch.Tensor, ps_w: float, diameter_angstrom: float, shape: tuple[int, int],
+    n_null: int = 0,
+):
+    """Best score over the template diameters for band-passed image transforms ``ft (b, nh, nw//2+1)``.
 
-    Returns ``(score, scale_index, amplitude, power_ref)``: maps ``(..., nh, nw)`` and the median window variance.
+    The score of each template is its NCC; when the last ``n_null`` images are white noise, each template's
+    NCC is standardised by the mean and standard deviation of its NCC on them (a z-score), so that templates
+    of different sizes compete fairly (a small template correlates more with noise).
+    Returns ``(score, scale_index, amplitude, power_ref)``: maps ``(b, nh, nw)`` and the median window
+    variance of the first image.
     """
-    nh, nw = shape
     dev = ft.device
     img = torch.fft.irfft2(ft, s=shape)
     ft2 = torch.fft.rfft2(img * img)
-    best = torch.full(img.shape, -2.0, device=dev)
+    best = torch.full(img.shape, -float("inf"), device=dev)
     best_idx = torch.zeros(img.shape, dtype=torch.long, device=dev)
     best_amp = torch.zeros(img.shape, device=dev)
     power_ref = None
@@ -173,8 +196,11 @@ def _ncc_best(ft: torch.Tensor, template_filter: torch.Tensor, ps_w: float, diam
         s2 = torch.fft.irfft2(ft2 * wft.conj(), s=shape)
         var_sum = (s2 - s1 * s1 / n_win).clamp(min=1e-12)  # Σ_W (x - x̄)² over the window at every position
         ncc = corr / (t_norm * var_sum.sqrt())
+        if n_null:
+            nv = ncc[-n_null:]
+            ncc = (ncc - nv.mean()) / nv.std().clamp(min=1e-12)
         if power_ref is None:
-            power_ref = (var_sum / n_win).median().clamp(min=1e-20)
+            power_ref = (var_sum[0] / n_win).median().clamp(min=1e-20)
         better = ncc > best
         best = torch.where(better, ncc, best)
         best_idx = torch.where(better, torch.full_like(best_idx, i), best_idx)
@@ -190,25 +216,33 @@ def _band(k: torch.Tensor, diameter_angstrom: float) -> torch.Tensor:
 
 def score_map(
     micrograph: torch.Tensor, pixel_size_angstrom: float, diameter_angstrom: float, ctf: dict | None = None,
-    null_realisations: int = 0,
+    null_realisations: int | None = None,
 ) -> dict:
-    """NCC score map on the working grid.
+    """Score map on the working grid.
 
-    Returns a dict: ``score (nh, nw)`` best NCC over template diameters, ``scale_index (nh, nw)`` long,
+    With ``null_realisations`` (default ``NULL_REALISATIONS``) white-noise images through the same filters,
+    each template's NCC is standardised by its mean and spread on the noise (a z-score); with 0 the score is
+    the raw NCC. Returns a dict: ``score (nh, nw)`` best score over template diameters, ``scale_index (nh, nw)`` long,
     ``local_power (nh, nw)`` (junk indicator: power within one diameter over a wide band, relative to its
-    median), ``amplitude (nh, nw)`` (least-squares template contrast / median local std), ``pixel_size``
+    median), ``mass (nh, nw)`` (junk indicator: local projected mass as a robust z-score), ``amplitude (nh, nw)`` (least-squares template contrast / median local std), ``pixel_size``
     (working Å/px), ``scale_yx`` (micrograph px per working px), and with ``null_realisations > 0``
     ``null_score (r, nh, nw)``: the same score for white noise (fixed seed) — the null distribution.
     """
-    ft_raw, ps_w, scale_yx, k, (nh, nw) = _preprocess(micrograph, pixel_size_angstrom, diameter_angstrom, ctf)
+    if null_realisations is None:
+        null_realisations = NULL_REALISATIONS
+    ft_neg, flip, ps_w, scale_yx, k, (nh, nw) = _preprocess(micrograph, pixel_size_angstrom, diameter_angstrom, ctf)
+    ft_raw = ft_neg * flip  # phase-flipped, particles white
     dev = ft_raw.device
     band = _band(k, diameter_angstrom)
-    best, best_idx, best_amp, power_ref = _ncc_best(ft_raw * band, band, ps_w, diameter_angstrom, (nh, nw))
-    null = None
+    ft_all = (ft_raw * band)[None]
     if null_realisations > 0:
         gen = torch.Generator(device=dev).manual_seed(NULL_SEED)
         noise = torch.randn((null_realisations, nh, nw), generator=gen, device=dev)
-        null = _ncc_best(torch.fft.rfft2(noise) * band, band, ps_w, diameter_angstrom, (nh, nw))[0]
+        ft_all = torch.cat([ft_all, torch.fft.rfft2(noise) * band])
+    best, best_idx, best_amp, power_ref = _ncc_best(ft_all, band, ps_w, diameter_angstrom, (nh, nw), null_realisations)
+    null = best[1:] if null_realisations > 0 else None
+    null_scale = best_idx[1:] if null_realisations > 0 else None
+    best, best_idx, best_amp = best[0], best_idx[0], best_amp[0]
     amp_ref = power_ref.sqrt()
     # junk indicator: power of the flipped image over a wider band (down to 1/(6·diameter)) in a disc of one
     # diameter radius, relative to its median over the micrograph; aggregates and contamination are big and dense
@@ -220,9 +254,18 @@ def score_map(
     junk_power = torch.fft.irfft2(torch.fft.rfft2(x_wide * x_wide) * torch.fft.rfft2(win).conj(), s=(nh, nw))
     junk_power = junk_power / win.sum()
     junk_power = junk_power / junk_power.median().clamp(min=1e-20)
+    # junk indicator 2: projected mass (amplitude contrast darkens thick objects at every defocus): local mean of
+    # the negated, unflipped image (Gaussian of σ = diameter/4) above the background (features < 10 × diameter),
+    # as a robust z-score over the micrograph; particles ≈ 0–1.5, aggregates and contamination several σ
+    mass_filter = _highpass(k, JUNK_MASS_HIGHPASS_DIAMETERS * diameter_angstrom) * torch.exp(
+        -2 * (math.pi * k * diameter_angstrom / 4) ** 2
+    )
+    mass = torch.fft.irfft2(ft_neg * mass_filter, s=(nh, nw))
+    mass_median = mass.median()
+    mass = (mass - mass_median) / ((mass - mass_median).abs().median() * 1.4826).clamp(min=1e-20)
     return dict(
-        score=best, scale_index=best_idx, local_power=junk_power, amplitude=best_amp / amp_ref,
-        pixel_size=ps_w, scale_yx=scale_yx, null_score=null,
+        score=best, scale_index=best_idx, local_power=junk_power, mass=mass, amplitude=best_amp / amp_ref,
+        pixel_size=ps_w, scale_yx=scale_yx, null_score=null, null_scale_index=null_scale,
     )
 
 
@@ -237,24 +280,35 @@ def _local_maxima(score: torch.Tensor, radius_px: int, margin_yx: tuple[int, int
     return torch.nonzero((peak & inner).flatten()).flatten()
 
 
-def _candidates(score: torch.Tensor, diameter_px: float, margin_yx: tuple[int, int]) -> torch.Tensor:
-    """Flat indices of NMS peaks of ``score (h, w)``, best first: local maxima, then greedy suppression."""
-    idx = _local_maxima(score, max(1, int(0.2 * diameter_px)), margin_yx)
+def _candidates(
+    score: torch.Tensor, scale_index: torch.Tensor, diameter_px: float, margin_yx: tuple[int, int]
+) -> torch.Tensor:
+    """Flat indices of NMS peaks of ``score (h, w)``, best first: local maxima, then greedy suppression at
+    ``MIN_DISTANCE_FACTOR`` × the larger of the two best-matching template diameters (``scale_index (h, w)``)."""
+    idx = _local_maxima(score, max(1, int(0.15 * diameter_px)), margin_yx)
     nw = score.shape[1]
     coords = torch.stack([idx // nw, idx % nw], -1).to(torch.float32)
-    keep = non_maximum_suppression(coords, score.flatten()[idx], MIN_DISTANCE_FACTOR * diameter_px)
+    scales = torch.tensor(SCALES, device=score.device)[scale_index.flatten()[idx]]
+    keep = non_maximum_suppression(coords, score.flatten()[idx], MIN_DISTANCE_FACTOR * diameter_px * scales)
     return idx[keep]
 
 
-def non_maximum_suppression(coords: torch.Tensor, scores: torch.Tensor, min_distance: float) -> torch.Tensor:
-    """Greedy NMS: indices (into ``coords (n, 2)``) kept, best score first, no two closer than ``min_distance``."""
+def non_maximum_suppression(
+    coords: torch.Tensor, scores: torch.Tensor, min_distance: float | torch.Tensor
+) -> torch.Tensor:
+    """Greedy NMS: indices (into ``coords (n, 2)``) kept, best score first.
+
+    ``min_distance``: a distance, or one per point ``(n,)``; two points closer than the larger of theirs
+    are not both kept.
+    """
     order = torch.argsort(scores, descending=True)
     c = coords[order]
     n = c.shape[0]
     if n == 0:
         return order
+    md = torch.as_tensor(min_distance, dtype=torch.float32, device=c.device).expand(scores.shape)[order]
     d2 = ((c[:, None, :] - c[None, :, :]) ** 2).sum(-1)
-    close = (d2 < min_distance**2).cpu()
+    close = (d2 < torch.maximum(md[:, None], md[None, :]) ** 2).cpu()
     alive = torch.ones(n, dtype=torch.bool)
     keep = []
     for i in range(n):
@@ -269,7 +323,7 @@ def auto_threshold(candidate_scores: torch.Tensor, null_scores: torch.Tensor, fd
 
     A false-discovery-rate rule (Storey & Tibshirani 2003 style): the fraction of noise among the candidates
     is estimated as ``π0 = #(candidates below the noise median) / (n / 2)`` (particles seldom score below
-    the median noise peak), the expected number of noise picks above ``t`` as ``π0 · n · P_noise(score ≥ t)``,
+    the median noise peak), at most one minus the excess of candidates above the noise's 90th percentile, the expected number of noise picks above ``t`` as ``π0 · n · P_noise(score ≥ t)``,
     and the threshold is the lowest candidate score at which that is at most ``fdr`` of the picks above it,
     but at least the ``AUTO_MIN_NULL_QUANTILE`` quantile of the noise peaks and at most the
     ``AUTO_MAX_NULL_QUANTILE`` one (rising to the highest noise peak as π0 goes from 0.8 to 1).
@@ -285,7 +339,12 @@ def auto_threshold(candidate_scores: torch.Tensor, null_scores: torch.Tensor, fd
     if m == 0:
         return float(s.min())
     null_median = float(null[m // 2])
-    pi0 = min(1.0, max(1.0 / n, float((s < null_median).sum()) / (0.5 * n)))
+    pi0 = float((s < null_median).sum()) / (0.5 * n)
+    # ... bounded by the excess of candidates over the noise's upper tail (junk surroundings add low-scoring
+    # candidates, which inflate the first estimate; particles show up as an excess of high ones)
+    q90 = float(null[int(0.9 * (m - 1))])
+    pi1 = (float((s > q90).sum()) - 0.1 * n) / n
+    pi0 = min(1.0, max(1.0 / n, min(pi0, 1.0 - pi1)))
     v = torch.sort(s, descending=True).values  # candidate scores, best first
     # P_noise(score ≥ v_k) from the sorted null sample
     surv = 1.0 - torch.searchsorted(null, v, right=False).float() / m
@@ -320,7 +379,7 @@ def pick_blobs(
 
     diameter = float(settings.particle_diameter_angstrom)
     h, w = micrograph.shape[-2:]
-    maps = score_map(micrograph, pixel_size_angstrom, diameter, ctf, null_realisations=NULL_REALISATIONS)
+    maps = score_map(micrograph, pixel_size_angstrom, diameter, ctf)
     score = maps["score"]
     ps_w = maps["pixel_size"]
     sy, sx = maps["scale_yx"]
@@ -328,22 +387,25 @@ def pick_blobs(
         edge_margin_px = default_box_sizes(diameter, pixel_size_angstrom)[0] / 2
     margin = (int(math.ceil(edge_margin_px / sy)), int(math.ceil(edge_margin_px / sx)))
     d_w = diameter / ps_w
-    idx = _candidates(score, d_w, margin)
+    idx = _candidates(score, maps["scale_index"], d_w, margin)
     nw = score.shape[1]
     coords_w = torch.stack([idx // nw, idx % nw], -1).to(torch.float32)
     cand_scores = score.flatten()[idx]
     power = maps["local_power"].flatten()[idx]
+    mass = maps["mass"].flatten()[idx]
     amp = maps["amplitude"].flatten()[idx]
     diam = torch.tensor(SCALES, device=score.device)[maps["scale_index"].flatten()[idx]] * diameter
     n_cand = int(idx.numel())
 
     # null: the same candidates in white noise through the same filters
-    null_scores = torch.cat([m.flatten()[_candidates(m, d_w, margin)] for m in maps["null_score"]])
+    null_scores = torch.cat(
+        [m.flatten()[_candidates(m, si, d_w, margin)] for m, si in zip(maps["null_score"], maps["null_scale_index"])]
+    )
     noise_floor = float(torch.quantile(null_scores, 0.5)) if null_scores.numel() else 0.0
     # junk: local power far above that of the typical candidate that stands out of the noise
     above = cand_scores >= (noise_floor if settings.threshold is None else float(settings.threshold))
     power_limit = JUNK_POWER_FACTOR * float(power[above].median()) if int(above.sum()) >= 3 else float("inf")
-    junk = power > power_limit
+    junk = (power > power_limit) | (mass > JUNK_MASS_Z)
     if settings.threshold is None:
         threshold = auto_threshold(cand_scores[~junk], null_scores)
     else:
@@ -371,6 +433,7 @@ def pick_blobs(
         coords_yx_px=coords[order].to(torch.float32),
         scores=cand_scores[order],
         local_power=power[order],
+        mass=mass[order],
         amplitude=amp[order],
         diameter_angstrom=diam[order],
         threshold=threshold,
