@@ -10,6 +10,11 @@ streaming 2D classifier in batches, and rewrites the aggregate files atomically 
     OUT/class2d/state.pt       the classifier's state (torch.save), reloaded on resume
     OUT/provenance.json        version, time, command line, settings
 
+cryolive's own columns: exposures.star ``cryoliveIceThicknessAngstrom`` (NaN until estimated),
+``cryoliveParticleCount``, ``cryoliveAccepted`` (1/0), ``cryoliveRejectionReason`` ("none" or the reason with
+underscores for spaces); particles.star ``cryolivePickScore``; classes.star ``cryoliveParticleCount``,
+``cryoliveSelected`` (1/0, :func:`select_classes`).
+
 Starting a session again on the same OUT resumes: exposures done are not processed again, exposures
 interrupted while processing are queued again, and the 2D classifier state is reloaded.
 
