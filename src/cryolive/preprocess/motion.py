@@ -18,7 +18,11 @@ Method
 4. Steps 2–3 repeat with the updated reference until the shifts change by less than 0.01 px or
    ``settings.max_iterations`` is reached. An optional smoothness prior (``smoothness > 0``) regularises the
    trajectory with a second-difference penalty, useful at very low dose per frame.
-5. The aligned frames are summed plainly and with dose weights (Grant & Grigorieff 2015): frame ``t``
+5. Real specimens also move locally, and a whole-frame correlation follows the strongest features. So
+   (images ≥ 576 px) the globally aligned frames are cut into half-overlapping patches, each patch gets its
+   own leave-one-out residual trajectory, and the patch trajectories are averaged with equal weight: the
+   result is the motion of the image as a whole. (Full patch motion with a local model is a later stage.)
+6. The aligned frames are summed plainly and with dose weights (Grant & Grigorieff 2015): frame ``t``
    gets ``q_t(k) · sqrt(T / Σ_t q_t(k)²)``, with ``q_t = ctf.dose_filter_2d`` at the frame's mid exposure,
    so each frequency keeps the noise power of the plain sum and the mean (DC, q = 1) equals the plain sum's.
 """
@@ -43,6 +47,7 @@ __all__ = [
 ]
 
 _CHUNK = 8  # frames transformed at once (bounds memory for large movies)
+_MIN_PATCH_PX = 192  # smallest patch (full-size pixels) worth aligning on its own
 
 
 @dataclass
@@ -106,27 +111,37 @@ def _rfft_weights(hc: int, wc: int, device) -> torch.Tensor:
     return m.expand(hc, wc // 2 + 1)
 
 
+def _separable_phase(s: torch.Tensor, ky1: torch.Tensor, kx1: torch.Tensor) -> torch.Tensor:
+    """``exp(+2πi k·s)`` on an rfft grid from 1D frequency vectors: ``s (..., 2)`` → ``(..., ny, nx)``."""
+    ay = 2.0 * math.pi * ky1 * s[..., 0, None]  # (..., ny)
+    ax = 2.0 * math.pi * kx1 * s[..., 1, None]  # (..., nx)
+    ey = torch.polar(torch.ones_like(ay), ay)
+    ex = torch.polar(torch.ones_like(ax), ax)
+    return ey[..., :, None] * ex[..., None, :]
+
+
 def _refine_peaks(
-    cps: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, mult: torch.Tensor, s0: torch.Tensor, step_px: float
+    cps: torch.Tensor, ky1: torch.Tensor, kx1: torch.Tensor, mult: torch.Tensor, s0: torch.Tensor, step_px: float
 ) -> torch.Tensor:
     """Newton refinement of the maxima of ``f(s) = Σ_k Re(C(k) e^{2πi k·s})``.
 
-    cps: ``(t, hc, wc')`` weighted cross power spectra (rfft layout, ``mult`` column multiplicities);
-    ky, kx: frequencies in cycles/px; s0: ``(t, 2)`` starting points (integer-grid peaks) in px.
-    Steps are limited to ``step_px`` per iteration; a non-concave point falls back to the start.
+    cps: ``(n, ny, nx)`` weighted cross power spectra (rfft layout, ``mult (ny, nx)`` column multiplicities);
+    ky1 ``(ny,)``, kx1 ``(nx,)``: frequencies in cycles/px; s0: ``(n, 2)`` starting points (integer-grid
+    peaks) in px. Steps are limited to ``step_px`` per iteration; a non-concave point keeps its start.
     """
     two_pi = 2.0 * math.pi
     c = cps * mult
     s = s0.clone()
-    for _ in range(6):
-        phase = two_pi * (ky * s[:, 0, None, None] + kx * s[:, 1, None, None])
-        z = c * torch.polar(torch.ones_like(phase), phase)
+    for _ in range(4):
+        z = c * _separable_phase(s, ky1, kx1)
         re, im = z.real, z.imag
-        gy = -two_pi * (ky * im).sum((-2, -1))
-        gx = -two_pi * (kx * im).sum((-2, -1))
-        hyy = -(two_pi**2) * (ky * ky * re).sum((-2, -1))
-        hxx = -(two_pi**2) * (kx * kx * re).sum((-2, -1))
-        hxy = -(two_pi**2) * (ky * kx * re).sum((-2, -1))
+        re_r, im_r = re.sum(-1), im.sum(-1)  # (n, ny)
+        re_c, im_c = re.sum(-2), im.sum(-2)  # (n, nx)
+        gy = -two_pi * (im_r * ky1).sum(-1)
+        gx = -two_pi * (im_c * kx1).sum(-1)
+        hyy = -(two_pi**2) * (re_r * ky1**2).sum(-1)
+        hxx = -(two_pi**2) * (re_c * kx1**2).sum(-1)
+        hxy = -(two_pi**2) * ((re * ky1[:, None]).sum(-2) * kx1).sum(-1)
         det = hyy * hxx - hxy * hxy
         concave = (hyy < 0) & (det > 0)
         det = torch.where(concave, det, torch.ones_like(det))
@@ -137,12 +152,93 @@ def _refine_peaks(
         norm = d.norm(dim=-1, keepdim=True)
         d = d * torch.clamp(step_px / norm.clamp(min=1e-12), max=1.0)
         s = s + d
-        if float(norm.max()) < 1e-4:
+        if float(norm.max()) < 1e-3:
             break
     # never wander further than one coarse grid step from the integer peak
     off = s - s0
     too_far = off.norm(dim=-1) > 1.5 * step_px
     return torch.where(too_far[:, None], s0, s)
+
+
+def _tukey_2d(n: int, m: int, device, edge_fraction: float = 0.15) -> torch.Tensor:
+    """Separable window ``(n, m)``: 1 in the centre, raised-cosine edges of ``edge_fraction`` of the size."""
+    def one(k):
+        e = max(1, int(round(edge_fraction * k)))
+        w = torch.ones(k, device=device)
+        ramp = 0.5 * (1 - torch.cos(math.pi * (torch.arange(e, device=device, dtype=torch.float32) + 0.5) / e))
+        w[:e] = ramp
+        w[k - e :] = ramp.flip(0)
+        return w
+    return one(n)[:, None] * one(m)[None, :]
+
+
+def _patch_average_residual(
+    small: torch.Tensor,
+    shifts: torch.Tensor,
+    ky: torch.Tensor,
+    kx: torch.Tensor,
+    full_shape: tuple[int, int],
+    crop_shape: tuple[int, int],
+    n_patches: int,
+    weight_fn,
+    pixel_size_angstrom: float,
+    max_shift_px: float,
+) -> torch.Tensor:
+    """Equal-weight mean over ``(2·n_patches − 1)²`` half-overlapping patches of their residual trajectories.
+
+    Returns ``(t, 2)`` full px (defined up to a constant).
+
+    small: ``(t, hc, wc//2+1)`` low-frequency transforms of the frames; shifts: ``(t, 2)`` current
+    trajectory. Every patch (tapered, of the frames aligned by −s_t) gets its own residual trajectory by the
+    same leave-one-out, B-weighted, Newton-refined alignment as the whole frame, so that each patch's
+    reference follows that patch's own (local) motion.
+    """
+    (h, w), (hc, wc) = full_shape, crop_shape
+    t = small.shape[0]
+    img = torch.fft.irfft2(small * _separable_phase(shifts, ky[:, 0], kx[0]), s=(hc, wc))  # (t, hc, wc), low-passed
+    ref = img.sum(0, keepdim=True) - img  # leave-one-out references
+    py, px = (hc // n_patches) // 2 * 2, (wc // n_patches) // 2 * 2
+    # half-overlapping patches: (2P−1)² of them, so that every part of the image weighs about the same
+    n_pos = 2 * n_patches - 1
+    ys = torch.linspace(0, hc - py, n_pos).round().long().tolist()
+    xs = torch.linspace(0, wc - px, n_pos).round().long().tolist()
+    n_p = len(ys) * len(xs)
+
+    def cut(x):  # (t, hc, wc) -> (t * n_p, py, px)
+        x = torch.stack([x[:, y : y + py, xx : xx + px] for y in ys for xx in xs], 1).reshape(-1, py, px)
+        return x - x.mean(dim=(-2, -1), keepdim=True)
+
+    win = _tukey_2d(py, px, small.device)
+    fa = torch.fft.rfft2(cut(img) * win).reshape(t, n_p, py, px // 2 + 1)
+    # frequencies in cycles per *crop* pixel; one crop pixel is (h/hc, w/wc) full pixels
+    sy, sx = h / hc, w / wc
+    pky = torch.fft.fftfreq(py, device=small.device)
+    pkx = torch.fft.rfftfreq(px, device=small.device)
+    k2 = ((pky[:, None] / sy) ** 2 + (pkx[None, :] / sx) ** 2) / pixel_size_angstrom**2
+    wgt = weight_fn(k2)
+    wgt[0, 0] = 0.0
+    mult = _rfft_weights(py, px, small.device)
+    gy = torch.fft.fftfreq(py, d=1.0 / py, device=small.device)
+    gx = torch.fft.fftfreq(px, d=1.0 / px, device=small.device)
+    window = ((gy[:, None] * sy) ** 2 + (gx[None, :] * sx) ** 2) <= max_shift_px**2
+    # per-patch leave-one-out alignment of the residual trajectories r (t, n_p, 2), crop px
+    r = torch.zeros(t, n_p, 2, device=small.device)
+    for _ in range(6):
+        aligned = fa * _separable_phase(r, pky, pkx)
+        ref = aligned.sum(0, keepdim=True) - aligned
+        cps = (fa * ref.conj() * wgt).reshape(-1, py, px // 2 + 1)
+        cc = torch.fft.irfft2(cps, s=(py, px))
+        cc = torch.where(window, cc, torch.full_like(cc, -torch.inf))
+        idx = cc.flatten(1).argmax(1)
+        s0 = torch.stack([gy[idx // px], gx[idx % px]], -1)
+        new = _refine_peaks(cps, pky, pkx, mult, s0, 1.0).reshape(t, n_p, 2)
+        new = new - new.mean(0, keepdim=True)  # the common offset of a patch is not observable
+        change = float((new - r).norm(dim=-1).max()) * max(sy, sx)
+        r = new
+        if change < 0.01:
+            break
+    r = r * torch.tensor([sy, sx], device=small.device)
+    return r.mean(1)
 
 
 def _smooth_trajectory(shifts: torch.Tensor, smoothness: float) -> torch.Tensor:
@@ -182,6 +278,8 @@ def align_movie(
     pre_exposure: float = 0.0,
     smoothness: float = 0.0,
     max_shift_px: float | None = None,
+    n_patches: int = 5,
+    max_local_shift_px: float = 12.0,
 ) -> MotionResult:
     """Align the frames of a movie globally and sum them (plain and dose-weighted).
 
@@ -192,6 +290,11 @@ def align_movie(
         ``max_iterations``, ``dose_weighting``.
     smoothness: weight λ of a second-difference prior on the trajectory (0: none; ~1–10 at very low dose).
     max_shift_px: largest shift searched relative to the reference (default: a quarter of the frame).
+    n_patches: after the whole-frame alignment, the frame is cut into patches of 1/``n_patches`` of its
+        size (half-overlapping, ``(2·n_patches − 1)²`` of them; fewer when patches would be smaller than
+        192 px, none below 3 per axis) whose residual trajectories are averaged with equal weight, so that the trajectory is the motion of the
+        image as a whole rather than of its strongest features (which may move locally); ≤ 1 disables.
+    max_local_shift_px: largest residual shift searched per patch, px.
 
     Returns a :class:`MotionResult`; the inputs are not modified.
     """
@@ -224,8 +327,7 @@ def align_movie(
     if t > 1:
         for n_iter in range(1, settings.max_iterations + 1):
             # frame t aligned: shift by -s_t
-            ph = 2.0 * math.pi * (ky * shifts[:, 0, None, None] + kx * shifts[:, 1, None, None])
-            aligned = small * torch.polar(torch.ones_like(ph), ph)
+            aligned = small * _separable_phase(shifts, ky[:, 0], kx[0])
             total = aligned.sum(0)
             ref = total[None] - aligned  # leave-one-out references, (t, hc, wc')
             cps = small * ref.conj() * weight  # peak at +s_t
@@ -234,13 +336,21 @@ def align_movie(
             idx = cc.flatten(1).argmax(1)
             iy, ix = idx // wc, idx % wc
             s0 = torch.stack([gy[iy], gx[ix]], -1)
-            new = _refine_peaks(cps, ky, kx, mult, s0, max(step_y, step_x))
+            new = _refine_peaks(cps, ky[:, 0], kx[0], mult, s0, max(step_y, step_x))
             new = _smooth_trajectory(new, smoothness)
             new = new - new[0:1]
             change = float((new - shifts).norm(dim=-1).max())
             shifts = new
             if change < 0.01:
                 break
+        n_patches = min(n_patches, min(h, w) // _MIN_PATCH_PX)
+        if n_patches >= 3:  # two patches per axis carry more noise than they remove bias
+            corr = _patch_average_residual(small, shifts, ky, kx, (h, w), (hc, wc), n_patches,
+                                           weight_fn=lambda k2p: torch.exp(-settings.bfactor_angstrom2 * k2p / 4.0),
+                                           pixel_size_angstrom=pixel_size_angstrom,
+                                           max_shift_px=max_local_shift_px)
+            shifts = _smooth_trajectory(shifts + corr, smoothness)
+            shifts = shifts - shifts[0:1]
 
     mic, mic_nodw = _sum_frames(frames, shifts, pixel_size_angstrom, dose_per_frame, voltage_kv,
                                 pre_exposure, settings.dose_weighting)
