@@ -200,7 +200,8 @@ def make_micrograph(
     defocus_v = defocus_angstrom - astigmatism_angstrom / 2
     angle = float(torch.rand((), generator=gen) * 180 - 90)
     c = ctf_mod.calculate_ctf_2d(
-        defocus_u, defocus_v, angle, voltage_kv, cs_mm, amplitude_contrast, ps, shape, bfactor_angstrom2=bfactor_angstrom2
+        defocus_u, defocus_v, angle, voltage_kv, cs_mm, amplitude_contrast, ps, shape,
+        bfactor_angstrom2=bfactor_angstrom2,
     )
     # average radiation damage over the exposure (dose-weighted sum of damaged frames)
     doses = torch.linspace(0.5, dose - 0.5, max(int(dose), 1)) if dose >= 1 else torch.tensor([dose / 2])

@@ -115,7 +115,8 @@ def test_junk_aggregates_are_rejected(results):
         finally:
             picking.JUNK_POWER_FACTOR, picking.JUNK_MASS_Z = factor, mass_z
         on_junk = lambda c: (torch.cdist(c, m.junk_yx_px) < m.junk_radius_px[None, :]).any(dim=1)  # noqa: E731
-        on_particle = lambda c: torch.cdist(c, m.true_yx_px).min(dim=1).values < 0.3 * m.diameter_angstrom / ps  # noqa: E731
+        radius = 0.3 * m.diameter_angstrom / ps
+        on_particle = lambda c: torch.cdist(c, m.true_yx_px).min(dim=1).values < radius  # noqa: E731
         n_junk_before += int(on_junk(unfiltered.coords_yx_px).sum())
         n_junk_after += int(on_junk(everything.coords_yx_px).sum())
         part = on_particle(unfiltered.coords_yx_px) & ~on_junk(unfiltered.coords_yx_px)

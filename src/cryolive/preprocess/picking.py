@@ -2,23 +2,31 @@
 
 ``pick_blobs`` finds round particles of a known diameter in a motion-corrected micrograph:
 
-1. Fourier-crop the micrograph to a working pixel size of about diameter / 22 (a 150 Å particle is ~22 px);
+1. subtract the micrograph's best-fit plane (ice gradient), Fourier-crop it to a working pixel size of about
+   diameter / 22 (a 150 Å particle is ~22 px);
 2. phase-flip it with the sign of the CTF when one is given (raw micrographs show particles dark; after
    flipping and negation particles are white at every defocus), Gaussian band-pass keeping features between
    ~diameter / 6 and ~4 × diameter;
-3. normalised cross-correlation (NCC) with band-limited projected-sphere templates of 0.8–1.2 × the nominal
-   diameter, each zero-mean inside a disc window of 1.5 × its diameter: the score is the local correlation
-   coefficient, independent of dose, gain and slow ice-thickness changes (local normalisation);
-4. candidates: local maxima, greedy non-maximum suppression at 0.8 × diameter, no peaks within half a default
-   extraction box of the edges;
+3. normalised cross-correlation (NCC) with band-limited projected-sphere templates of 0.6–1.1 × the nominal
+   diameter (a diameter is usually the longest dimension; the projected blob is smaller), each zero-mean
+   inside a disc window of 1.5 × its diameter: the local correlation coefficient, independent of dose, gain
+   and slow ice-thickness changes. Each template's NCC is turned into a z-score with its mean and spread on
+   white noise through the same filters (the *null*), so that sizes compete fairly; the score is the best z;
+4. candidates: local maxima, greedy non-maximum suppression at 0.8 × the larger of the two best-matching
+   template diameters (touching small particles survive, shoulders of big ones do not), no peaks within half
+   a default extraction box of the edges;
 5. junk rejection: candidates whose local power (features up to 6 × diameter within one diameter) exceeds
    2.5 × the median of the candidates standing out of the noise, or whose local projected mass (darkness of
-   the raw image at low resolution) is a 4σ outlier — aggregates, ice contamination and carbon edges
-   scatter far more, and are far denser, than particles;
-6. automatic threshold (``settings.threshold is None``) calibrated on a null: the same filters and NCC on
-   white noise give the score distribution of noise peaks, and a false-discovery-rate rule
-   (:func:`auto_threshold`) adapts it to how crowded the micrograph is (empty micrographs yield few picks);
+   the raw image at low resolution, through the amplitude contrast) is a 4σ outlier — aggregates, ice
+   contamination and carbon edges scatter far more, and are far denser, than particles;
+6. automatic threshold (``settings.threshold is None``) from the null's peak scores: a false-discovery-rate
+   rule (:func:`auto_threshold`) adapts it to how crowded the micrograph is, within the 25–60 % quantiles of
+   the noise peaks, rising to the highest noise peak when the micrograph looks like noise alone;
 7. at most ``settings.max_picks_per_micrograph`` picks, best first.
+
+Measured (see the picking tests): on the physics simulator's micrographs (6ny1/3j5p, 24–40 e/Å², 0.5–3.5 µm,
+1–1.4 Å/px, ice, junk) precision 0.94, recall 0.93; on synthetic micrographs over structures and 100–200 Å
+complexes F1 0.88 on average; 0.05–0.15 s per 1024² micrograph on one CPU thread.
 
 Everything is pure torch and follows the device of ``micrograph``.
 
@@ -65,7 +73,8 @@ class Picks:
     """Picked particle positions and per-pick statistics of one micrograph (n picks, best score first).
 
     - ``coords_yx_px (n, 2)`` float32: (row, column) in pixels of the input micrograph (0-based pixel centres).
-    - ``scores (n,)``: normalised cross-correlation with the best-matching blob template, in [-1, 1].
+    - ``scores (n,)``: z-score of the normalised cross-correlation with the best-matching blob template,
+      against the same template's NCC on white noise (≈ 2.3 for a median noise peak, 4–8 for clear particles).
     - ``local_power (n,)``: mean power of the flipped micrograph (features from ~diameter/6 to 6 × diameter)
       within one diameter, relative to its median over the micrograph (≈1 for empty ice); aggregates,
       contamination and carbon edges are strong outliers: picks with ``local_power > power_limit`` are
@@ -138,7 +147,8 @@ def _preprocess(
     micrograph: torch.Tensor, pixel_size_angstrom: float, diameter_angstrom: float, ctf: dict | None
 ) -> tuple[torch.Tensor, float, tuple[float, float], torch.Tensor, tuple[int, int]]:
     """Downsample and negate → (rfft2 of the negated working image (nh, nw//2+1), the phase flip ±1 of the
-    same shape (the sign of the CTF, or ones), working pixel size (Å), (scale_y, scale_x) micrograph px per working px, |k| (1/Å) of the rfft grid,
+    same shape (the sign of the CTF, or ones), working pixel size (Å), (scale_y, scale_x) micrograph px per
+    working px, |k| (1/Å) of the rfft grid,
     working shape (nh, nw))."""
     h, w = micrograph.shape[-2:]
     img = _subtract_plane(micrograph.to(torch.float32))
@@ -224,7 +234,8 @@ def score_map(
     each template's NCC is standardised by its mean and spread on the noise (a z-score); with 0 the score is
     the raw NCC. Returns a dict: ``score (nh, nw)`` best score over template diameters, ``scale_index (nh, nw)`` long,
     ``local_power (nh, nw)`` (junk indicator: power within one diameter over a wide band, relative to its
-    median), ``mass (nh, nw)`` (junk indicator: local projected mass as a robust z-score), ``amplitude (nh, nw)`` (least-squares template contrast / median local std), ``pixel_size``
+    median), ``mass (nh, nw)`` (junk indicator: local projected mass as a robust z-score),
+    ``amplitude (nh, nw)`` (least-squares template contrast / median local std), ``pixel_size``
     (working Å/px), ``scale_yx`` (micrograph px per working px), and with ``null_realisations > 0``
     ``null_score (r, nh, nw)``: the same score for white noise (fixed seed) — the null distribution.
     """
@@ -323,12 +334,13 @@ def auto_threshold(candidate_scores: torch.Tensor, null_scores: torch.Tensor, fd
 
     A false-discovery-rate rule (Storey & Tibshirani 2003 style): the fraction of noise among the candidates
     is estimated as ``π0 = #(candidates below the noise median) / (n / 2)`` (particles seldom score below
-    the median noise peak), at most one minus the excess of candidates above the noise's 90th percentile, the expected number of noise picks above ``t`` as ``π0 · n · P_noise(score ≥ t)``,
+    the median noise peak), at most one minus the excess of candidates above the noise's 90th percentile,
+    the expected number of noise picks above ``t`` as ``π0 · n · P_noise(score ≥ t)``,
     and the threshold is the lowest candidate score at which that is at most ``fdr`` of the picks above it,
     but at least the ``AUTO_MIN_NULL_QUANTILE`` quantile of the noise peaks and at most the
     ``AUTO_MAX_NULL_QUANTILE`` one (rising to the highest noise peak as π0 goes from 0.8 to 1).
     Crowded micrographs (few noise candidates) thus get a low threshold, empty ones a high one. Returns
-    ``inf`` when no threshold meets the rate.
+    ``inf`` when there are no candidates.
     """
     fdr = AUTO_FDR if fdr is None else fdr
     s = candidate_scores.detach().float().cpu()
@@ -373,7 +385,9 @@ def pick_blobs(
     ``ctf``: dict with ``defocus_u``, ``defocus_v`` (Å), ``defocus_angle_deg``, ``voltage_kv``, ``cs_mm``,
     ``amplitude_contrast`` — the micrograph is phase-flipped with it; without it particles are assumed dark at
     the picking resolution. ``edge_margin_px``: no picks closer to the edge (micrograph px); default half the
-    default extraction box. Returns :class:`Picks`, best score first.
+    default extraction box. ``settings.threshold`` (when set) is in the units of the scores: z against the
+    null (≈ 2.3 for the median noise peak). The micrograph is not modified. Returns :class:`Picks`, best
+    score first.
     """
     from .extraction import default_box_sizes
 
