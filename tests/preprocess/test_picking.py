@@ -153,7 +153,9 @@ def test_empty_micrograph_gives_few_picks():
 
 def test_invariant_to_gain_and_offset():
     m = make_micrograph(seed=301, structure="3j5p", defocus_angstrom=15000.0, dose=30.0)
+    before = m.noisy.clone()
     a = pick_blobs(m.noisy, 1.0, _settings(m), ctf=m.ctf)
+    assert torch.equal(m.noisy, before)  # the input is not modified
     b = pick_blobs(3.7 * m.noisy - 55.0, 1.0, _settings(m), ctf=m.ctf)
     assert len(a) == len(b) and len(a) > 5
     assert torch.allclose(a.coords_yx_px, b.coords_yx_px, atol=1e-2)
