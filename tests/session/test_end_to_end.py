@@ -100,3 +100,15 @@ def test_live_cli_with_replay_then_resume(dataset, tmp_path):
     assert all(e.attempts == 1 for e in exps)
     assert store.count_stage_results(stage="motion") == 3
     store.close()
+
+
+def test_simulate_cli_writes_a_dataset(tmp_path):
+    out = tmp_path / "sim"
+    args = ["simulate", str(out), "--n-movies", "1", "--size", "256", "--frames", "2", "--format", "mrc",
+            "--structure", "3j5p", "--seed", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (movie,) = sorted((out / "movies").glob("*.mrc"))
+    with mrcfile.open(movie) as m:
+        assert m.data.shape == (2, 256, 256)
+    assert (out / "gain.mrc").is_file() and (out / "truth" / "exposures.star").is_file()
