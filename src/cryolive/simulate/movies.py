@@ -11,9 +11,9 @@ Per micrograph (randomness from ``(seed, index)``):
    split into defocus slabs of ``defocus_step_angstrom`` and each slab gets its own CTF on the full
    frame (so delocalisation is exact); the ice follows the tilted plane by linear interpolation
    between slabs;
-4. per frame t: Grant–Grigorieff damage at the accumulated dose of the frame (specimen only), global
-   drift ``s_t`` (Fourier shift) and smooth local motion (bicubic resampling), giving
-   ``frame_t(r) = frame_1(r − s_t − d_t(r))``;
+4. per frame t: smooth local motion deforms the specimen and ice potential (bicubic resampling) *before*
+   the CTF, Grant–Grigorieff damage at the accumulated dose of the frame (specimen only), and global
+   drift ``s_t`` (Fourier shift), giving ``frame_t ≈ frame_1(r − s_t − d_t(r))`` up to CTF delocalisation;
 5. counts: ``raw = Poisson(N₀ (1 + C_t) · s)`` with ``N₀ = dose_per_frame × pixel²``, detector
    sensitivity ``s`` (gain reference ``= 1/s``), plus hot pixels.
 
@@ -70,7 +70,7 @@ class SimulationSettings(BaseModel):
         60.0, description="imaging envelope (partial coherence, detector MTF, intra-frame motion) on all signal, Å²"
     )
     max_drift_angstrom: float = 20.0
-    local_motion_angstrom: float = 3.0
+    local_motion_angstrom: float = Field(3.0, ge=0, description="largest local deviation from the global drift, Å")
     gain_variation: float = 0.1
     n_hot_pixels: int = 8
     energy_filter: bool = False
@@ -192,8 +192,9 @@ def _drift_trajectory(n_frames: int, max_drift_px: float, g: torch.Generator) ->
 def _local_motion(n_frames: int, grid: int, amplitude_px: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Local motion as ``(profile (t,), final (grid, grid, 2))``: control-point displacements (y, x) px at frame t
     are ``profile[t] · final`` — zero mean over the grid, 0 at frame 1, growing smoothly (faster early)."""
-    final = torch.randn(grid, grid, 2, generator=g) * amplitude_px
+    final = torch.randn(grid, grid, 2, generator=g)
     final = final - final.mean((0, 1))
+    final = final * (amplitude_px / final.norm(dim=-1).max().clamp(min=1e-6))  # largest local deviation = amplitude
     t = torch.arange(n_frames, dtype=torch.float32)
     tau = max(1.0, n_frames / 4)
     prof = (1 - torch.exp(-t / tau)) / max(1e-6, 1 - math.exp(-(n_frames - 1) / tau)) if n_frames > 1 else t
@@ -330,8 +331,10 @@ class MovieSimulator:
             return calculate_ctf_2d(u, u - astig, da, s.voltage_kv, s.cs_mm, s.amplitude_contrast, p, (h, w),
                                     bfactor_angstrom2=s.envelope_bfactor_angstrom2)
 
-        # specimen: one slab per defocus bin of the objects
+        # specimen: one slab per defocus bin of the objects; the real-space slabs and their CTFs are kept so
+        # that local motion can deform the specimen *before* the CTF acts (as in the microscope)
         spec_ft = torch.zeros(h, w // 2 + 1, dtype=torch.complex64)
+        spec_parts, spec_ctfs = [], []
         if self.objects:
             off = self.obj_defocus_offset
             bins = torch.round(off / step).long()
@@ -340,12 +343,16 @@ class MovieSimulator:
             bin_map = lut[label]
             for b in torch.unique(bins).tolist():
                 part = vp * (bin_map == b)
-                spec_ft += torch.fft.rfft2(part) * ctf_at(dfc + b * step)
+                ctf_b = ctf_at(dfc + b * step)
+                spec_ft += torch.fft.rfft2(part) * ctf_b
+                spec_parts.append(part)
+                spec_ctfs.append(ctf_b)
         # ice: zero-mean fluctuations at the tilted plane (linear interpolation between slabs)
         gi = torch.Generator().manual_seed(self.ice_ft_seed)
         ice_ft = physics.ice_potential_ft((h, w), p, thick, gi)
+        ice = torch.fft.irfft2(ice_ft, s=(h, w))
+        ice_parts, ice_ctfs = [], []
         if s.stage_tilt_deg:
-            ice = torch.fft.irfft2(ice_ft, s=(h, w))
             yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
             plane_map = par["plane"](yy, xx) / step  # in slabs
             b0 = int(math.floor(float(plane_map.min())))
@@ -354,9 +361,16 @@ class MovieSimulator:
             for b in range(b0, b1 + 1):
                 wgt = (1 - (plane_map - b).abs()).clamp(min=0)
                 if float(wgt.max()) > 0:
-                    ice_ctf_ft += torch.fft.rfft2(ice * wgt) * ctf_at(dfc + b * step)
+                    ctf_b = ctf_at(dfc + b * step)
+                    ice_ctf_ft += torch.fft.rfft2(ice * wgt) * ctf_b
+                    ice_parts.append(ice * wgt)
+                    ice_ctfs.append(ctf_b)
         else:
-            ice_ctf_ft = ice_ft * ctf_at(dfc)
+            ctf_c = ctf_at(dfc)
+            ice_ctf_ft = ice_ft * ctf_c
+            ice_parts.append(ice)
+            ice_ctfs.append(ctf_c)
+        self._slabs = (spec_parts, spec_ctfs, ice_parts, ice_ctfs)
         self.scale = physics.contrast_scale(s.voltage_kv, s.amplitude_contrast, thick, s.energy_filter)
         self.n0 = physics.mean_counts_per_pixel(s.dose_per_frame, p, thick, s.voltage_kv, s.energy_filter)
         self.spec_ft = spec_ft  # V·Å after CTF, Fourier
@@ -390,17 +404,26 @@ class MovieSimulator:
             # the local field is (time profile) × (final field): interpolate the final field once
             full_final = F.interpolate(self.local_final.permute(2, 0, 1)[None], size=(h, w), mode="bicubic",
                                        align_corners=True)[0]  # (2, h, w)
+            spec_parts, spec_ctfs, ice_parts, ice_ctfs = self._slabs
+            n_spec = len(spec_parts)
+            parts = torch.stack(spec_parts + ice_parts)[None]  # (1, C, h, w) potential before the CTF
+            ctfs = torch.stack(spec_ctfs + ice_ctfs)  # (C, h, w//2+1)
         for t in range(s.n_frames):
             dose = (t + 0.5) * s.dose_per_frame
-            ft = self.spec_ft * torch.exp(-dose / (2 * ne)) + self.ice_ctf_ft
+            damage = torch.exp(-dose / (2 * ne))
+            if use_local and t > 0:
+                # the specimen (and the ice) deform smoothly; the CTF then acts on the deformed specimen, so
+                # Thon rings keep their spacing (warping the image after the CTF would stretch them)
+                d = full_final * float(self.local_profile[t])  # (2, h, w) y, x displacement, px
+                grid = torch.stack([2 * (base_x - d[1]) / (w - 1) - 1, 2 * (base_y - d[0]) / (h - 1) - 1], -1)[None]
+                warped = F.grid_sample(parts, grid, mode="bicubic", padding_mode="border", align_corners=True)[0]
+                fts = torch.fft.rfft2(warped) * ctfs  # (C, h, w//2+1)
+                ft = fts[:n_spec].sum(0) * damage + fts[n_spec:].sum(0)
+                del warped, fts
+            else:
+                ft = self.spec_ft * damage + self.ice_ctf_ft
             ft = ft * phase_shift_2d(self.drift[t], (h, w))
             c = -self.scale * torch.fft.irfft2(ft, s=(h, w))
-            if use_local and t > 0:
-                d = full_final * float(self.local_profile[t])  # (2, h, w) y, x displacement, px
-                sy = base_y - d[0]
-                sx = base_x - d[1]
-                grid = torch.stack([2 * sx / (w - 1) - 1, 2 * sy / (h - 1) - 1], -1)[None]
-                c = F.grid_sample(c[None, None], grid, mode="bicubic", padding_mode="border", align_corners=True)[0, 0]
             yield self.n0 * (1 + c)
 
     def frames(self) -> Iterator[torch.Tensor]:
