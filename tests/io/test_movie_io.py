@@ -102,6 +102,7 @@ def test_eer_is_not_supported_yet(tmp_path):
     assert issubclass(MovieFormatNotSupported, NotImplementedError)
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN values")
 def test_gain_flip_rotate_and_checks(tmp_path):
     g = np.arange(1, 1 + 4 * 6, dtype=np.float32).reshape(4, 6)
     p = _write_mrc(tmp_path / "gain.mrc", g)
