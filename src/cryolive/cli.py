@@ -68,6 +68,8 @@ def _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain,
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # tifffile logs every unreadable page of a file still being written; cryolive reports the reason itself
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
 def _check_gain(settings) -> None:
@@ -150,8 +152,12 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _raise)
 
 
-def _summary(st, out: Path) -> None:
+def _summary(st, out: Path, failures: list[tuple[str, str]] = ()) -> None:
     typer.echo(f"{st.n_done} exposures done, {st.n_failed} failed, {st.n_particles} particles; results in {out}")
+    for name, reason in list(failures)[:20]:
+        typer.echo(f"  failed: {name}: {reason}")
+    if len(failures) > 20:
+        typer.echo(f"  ... and {len(failures) - 20} more (see {out}/session.sqlite)")
 
 
 # ---------------------------------------------------------------------------------------------- process
@@ -185,8 +191,9 @@ def process(
     with Progress(f"cryolive process → {out}") as progress:
         with Session(out, settings, progress=progress) as session:
             st = session.process(movies)
+            failures = [(e.name, e.error) for e in session.store.exposures("failed")]
         progress.final(st)
-    _summary(st, out)
+    _summary(st, out, failures)
 
 
 # ---------------------------------------------------------------------------------------------- live
@@ -231,8 +238,9 @@ def live(
         with Session(out, settings, progress=progress) as session:
             st = session.live(watch_dir, settle_s=settle, stop_after_idle_s=stop_after_idle,
                               max_exposures=max_exposures, poll_s=poll)
+            failures = [(e.name, e.error) for e in session.store.exposures("failed")]
         progress.final(st)
-    _summary(st, out)
+    _summary(st, out, failures)
 
 
 # ---------------------------------------------------------------------------------------------- simulate
