@@ -112,7 +112,7 @@ def test_against_cryolive_simulate_movie(index):
     Local motion is switched off: the simulator warps the CTF-modulated frames, which stretches the Thon
     rings by the local strain (~1 %) and shows up as several hundred Å of spurious astigmatism.
     """
-    movies = pytest.importorskip("cryolive.simulate.movies")
+    from cryolive.simulate import movies
     from cryolive.fourier import shift_image_2d
 
     st = movies.SimulationSettings(n_movies=3, image_shape_px=(1024, 1024), n_frames=24, local_motion_angstrom=0.0,

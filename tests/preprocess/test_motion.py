@@ -130,7 +130,7 @@ def test_hot_pixels_found_removed_and_particles_kept():
 def test_against_cryolive_simulate_movie_with_local_motion():
     """cryolive.simulate (atomic models, physical ice, detector gain and hot pixels, 3 Å local motion):
     1024², 24 frames, 1 e/Å²/frame — global drift RMS error < 0.5 px, hot pixels found."""
-    movies = pytest.importorskip("cryolive.simulate.movies")
+    from cryolive.simulate import movies
     st = movies.SimulationSettings(n_movies=1, image_shape_px=(1024, 1024), n_frames=24, seed=0)
     det = movies.make_detector(st.image_shape_px, st.gain_variation, st.n_hot_pixels, st.seed)
     sim = movies.MovieSimulator(st, 1, det)
