@@ -126,15 +126,31 @@ def test_box_centre_convention_and_edges():
     assert divmod(peak, 32) == (16, 16)  # rounded coordinate at index b//2
     assert ex.centres_yx_px.tolist() == [[37, 81]]
     assert torch.allclose(ex.residual_yx_px, torch.tensor([[0.3, -0.4]]), atol=1e-5)
-    # boxes that reach over an edge are dropped; those that just fit are kept
-    coords = torch.tensor([[16.0, 16.0], [15.0, 60.0], [50.0, 104.0], [50.0, 105.0], [84.0, 60.0], [85.0, 60.0]])
+    # boxes reaching over an edge are kept while their centre is inside; picks outside are dropped
+    coords = torch.tensor([[16.0, 16.0], [2.0, 60.0], [50.0, 119.0], [50.0, 120.0], [-1.0, 60.0], [99.0, 60.0]])
     ex = extract_particles(img, coords, 32, 16)
-    assert ex.kept.tolist() == [True, False, True, False, True, False]
-    assert ex.images.shape == (3, 16, 16)
+    assert ex.kept.tolist() == [True, True, True, False, False, True]
+    assert ex.images.shape == (4, 16, 16)
     empty = extract_particles(img, torch.zeros(0, 2), 32, 16)
     assert empty.images.shape == (0, 16, 16) and empty.kept.shape == (0,)
     with pytest.raises(ValueError):
         extract_particles(img, coords, 33, None)
+
+
+def test_edge_boxes_filled_with_matching_noise_and_particle_kept():
+    g = torch.Generator().manual_seed(4)
+    img = 5.0 + 2.0 * torch.randn(200, 200, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(200.0), torch.arange(200.0), indexing="ij")
+    img = img - 8.0 * (((yy - 10) ** 2 + (xx - 100) ** 2) < 6**2)  # a dark particle 10 px from the top edge
+    ex = extract_particles(img, torch.tensor([[10.0, 100.0], [100.0, 100.0]]), 64, None)
+    assert ex.kept.tolist() == [True, True]
+    edge = ex.images[0]
+    # the filled rows (outside the micrograph) look like the background: same mean and spread
+    filled, inside = edge[:22], edge[44:]
+    assert abs(float(filled.mean()) - float(inside.mean())) < 0.15
+    assert 0.85 < float(filled.std() / inside.std()) < 1.15
+    # the particle (white after inversion) sits at the box centre
+    assert float(edge[26:38, 26:38].mean()) > 2.0
 
 
 def test_extraction_does_not_modify_input(scene):

@@ -15,7 +15,6 @@ import torch
 from _synthetic_micrographs import make_micrograph
 
 from cryolive.config import PickingSettings
-from cryolive.preprocess.extraction import default_box_sizes
 from cryolive.preprocess import picking
 from cryolive.preprocess.picking import match_picks, pick_blobs
 
@@ -24,7 +23,7 @@ torch.set_num_threads(1)
 
 def _evaluate(m, picks):
     d, ps = m.diameter_angstrom, m.pixel_size_angstrom
-    margin = default_box_sizes(d, ps)[0] / 2
+    margin = 0.5 * d / ps  # the picker leaves out only particles cut by the edge
     h, w = m.noisy.shape
     t = m.true_yx_px
     inner = (t[:, 0] >= margin) & (t[:, 1] >= margin) & (t[:, 0] < h - margin) & (t[:, 1] < w - margin)
@@ -130,7 +129,7 @@ def test_junk_aggregates_are_rejected(results):
 
 def test_picks_within_margin_sorted_and_above_threshold(results):
     for case, m, picks, _ in results:
-        margin = default_box_sizes(m.diameter_angstrom, m.pixel_size_angstrom)[0] / 2
+        margin = 0.5 * m.diameter_angstrom / m.pixel_size_angstrom  # the particle lies inside
         h, w = m.noisy.shape
         c = picks.coords_yx_px
         assert c.dtype == torch.float32 and c.shape == (len(picks), 2)
@@ -201,7 +200,7 @@ def _simulator_micrograph(structure: str, seed: int, n_frames: int, pixel_size: 
 def test_on_physics_simulator_micrographs(structure, seed, n_frames, pixel_size):
     micrograph, true_yx, diameter, ctf, truth = _simulator_micrograph(structure, seed, n_frames, pixel_size)
     picks = pick_blobs(micrograph, pixel_size, PickingSettings(particle_diameter_angstrom=diameter), ctf=ctf)
-    margin = default_box_sizes(diameter, pixel_size)[0] / 2
+    margin = 0.5 * diameter / pixel_size
     h, w = micrograph.shape
     inner = ((true_yx >= margin) & (true_yx < torch.tensor([h, w]) - margin)).all(dim=1)
     _, precision, _, _ = match_picks(picks.coords_yx_px, true_yx, 0.3 * diameter / pixel_size)

@@ -7,8 +7,11 @@ Conventions:
   ``b // 2`` of the box — the centre convention of ``fourier.circular_mask_2d`` and of RELION. The sub-pixel
   remainder ``(y - round(y), x - round(x))`` is *not* applied (it is at most half a pixel) and is returned as
   ``Extracted.residual_yx_px`` for refinement to use.
-- Boxes that do not fit entirely inside the micrograph are dropped: ``kept[i]`` is False and there is no
-  image for them. ``images`` holds the kept particles only, in input order (``images.shape[0] == kept.sum()``).
+- Edges: a box that reaches over the micrograph's edge is kept as long as its centre lies inside the
+  micrograph; the part outside is filled with Gaussian noise of the median and robust spread of the part
+  inside (so the normalisation and Fourier cropping see no hard edge). Picks whose centre is outside the
+  micrograph are dropped: ``kept[i]`` is False and there is no image for them. ``images`` holds the kept
+  particles only, in input order (``images.shape[0] == kept.sum()``).
 - Fourier cropping keeps the low frequencies exactly; the output pixel size is
   ``pixel_size × pixel_size_factor`` with ``pixel_size_factor = box_size_px / output_box_size_px``.
 - Contrast is inverted by default so particles are white (positive density, CONVENTIONS.md), and each image is
@@ -41,7 +44,7 @@ class Extracted:
     """Extracted particle images.
 
     - ``images (n_kept, b, b)`` float32, ``b = output_box_size_px``; particles white when inverted.
-    - ``kept (n,) bool``: whether the box of input pick ``i`` fitted in the micrograph.
+    - ``kept (n,) bool``: whether input pick ``i`` lies inside the micrograph (it has an image).
     - ``centres_yx_px (n_kept, 2)`` long: the integer box centres in micrograph pixels (index b//2 of the box).
     - ``residual_yx_px (n_kept, 2)``: input coordinate minus box centre (|·| ≤ 0.5), micrograph pixels.
     - ``pixel_size_factor``: output pixel size / micrograph pixel size.
@@ -91,12 +94,15 @@ def extract_particles(
     coords = coords_yx_px.to(device=dev, dtype=torch.float32).reshape(-1, 2)
     centres = torch.round(coords).long()
     lo = centres - b // 2
-    kept = (lo[:, 0] >= 0) & (lo[:, 1] >= 0) & (lo[:, 0] + b <= h) & (lo[:, 1] + b <= w)
+    kept = (centres[:, 0] >= 0) & (centres[:, 1] >= 0) & (centres[:, 0] < h) & (centres[:, 1] < w)
     lo_k = lo[kept]
     ar = torch.arange(b, device=dev)
     rows = lo_k[:, 0, None] + ar  # (k, b)
     cols = lo_k[:, 1, None] + ar
-    boxes = img[rows[:, :, None], cols[:, None, :]]  # (k, b, b)
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # (k, b, b)
+    boxes = img[rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]  # (k, b, b)
+    if boxes.shape[0] and not bool(inside.all()):
+        boxes = _fill_outside(boxes, inside)
     if ob != b:
         boxes = fourier.fourier_crop_2d(boxes, (ob, ob)) if boxes.shape[0] else boxes.new_zeros((0, ob, ob))
     if invert_contrast:
@@ -112,6 +118,25 @@ def extract_particles(
         residual_yx_px=(coords - centres.to(torch.float32))[kept],
         pixel_size_factor=b / ob,
     )
+
+
+def _fill_outside(boxes: torch.Tensor, inside: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Replace the pixels of ``boxes (k, b, b)`` where ``inside`` is False by Gaussian noise with the median and
+    robust spread (1.4826 × MAD, so a particle in the box does not inflate it) of each box's inside pixels.
+    Reproducible (fixed seed); the input is not modified."""
+    out = boxes.clone()
+    g = torch.Generator(device=boxes.device).manual_seed(seed)
+    partial = torch.nonzero(~inside.flatten(1).all(dim=1)).flatten().tolist()
+    for i in partial:
+        vals = boxes[i][inside[i]]
+        if vals.numel() == 0:
+            continue
+        med = vals.median()
+        spread = 1.4826 * (vals - med).abs().median()
+        outside = ~inside[i]
+        noise = torch.randn(int(outside.sum()), generator=g, device=boxes.device, dtype=boxes.dtype)
+        out[i][outside] = med + spread * noise
+    return out
 
 
 def per_particle_defocus(

@@ -14,7 +14,7 @@
    white noise through the same filters (the *null*), so that sizes compete fairly; the score is the best z;
 4. candidates: local maxima, greedy non-maximum suppression at 0.8 × the larger of the two best-matching
    template diameters (touching small particles survive, shoulders of big ones do not), no peaks within half
-   a default extraction box of the edges;
+   a particle diameter of the edges;
 5. junk rejection: candidates whose local power (features up to 6 × diameter within one diameter) exceeds
    2.5 × the median of the candidates standing out of the noise, or whose local projected mass (darkness of
    the raw image at low resolution, through the amplitude contrast) is a 4σ outlier — aggregates, ice
@@ -385,7 +385,7 @@ def pick_blobs(
     ``ctf``: dict with ``defocus_u``, ``defocus_v`` (Å), ``defocus_angle_deg``, ``voltage_kv``, ``cs_mm``,
     ``amplitude_contrast`` — the micrograph is phase-flipped with it; without it particles are assumed dark at
     the picking resolution. ``edge_margin_px``: no picks closer to the edge (micrograph px); default half the
-    default extraction box. ``settings.threshold`` (when set) is in the units of the scores: z against the
+    particle diameter (extraction fills the part of a box beyond the edge). ``settings.threshold`` (when set) is in the units of the scores: z against the
     null (≈ 2.3 for the median noise peak). The micrograph is not modified. Returns :class:`Picks`, best
     score first.
     """
@@ -398,7 +398,7 @@ def pick_blobs(
     ps_w = maps["pixel_size"]
     sy, sx = maps["scale_yx"]
     if edge_margin_px is None:
-        edge_margin_px = default_box_sizes(diameter, pixel_size_angstrom)[0] / 2
+        edge_margin_px = 0.5 * diameter / pixel_size_angstrom  # the particle itself lies inside
     margin = (int(math.ceil(edge_margin_px / sy)), int(math.ceil(edge_margin_px / sx)))
     d_w = diameter / ps_w
     idx = _candidates(score, maps["scale_index"], d_w, margin)
