@@ -674,19 +674,32 @@ class StreamingClassifier2D:
                     torch.full((n,), -1, dtype=torch.long, device=self.device), z, z.clone(),
                     torch.zeros(n, 2, device=self.device), z.clone(),
                 )
-            px = torch.cat([p[0] for p in self.pending])
-            pp = torch.cat([p[1] for p in self.pending])
-            ph = (torch.arange(self.n_seen - px.shape[0], self.n_seen, device=self.device) % 2).long()
-            self.pending = []
-            self.n_processed = px.shape[0]
-            self._initialise(px, pp, ph)
-            self.n_updates += 1
+            self._start_from_pending()
             return self._result(self._expectation(x, par))
         e = self._em_pass(x, par, half, self._gamma(n))
         self.n_updates += 1
         if self.revisit_fraction > 0:
             self.revisit(int(round(self.revisit_fraction * n)))
         return self._result(e)
+
+    def _start_from_pending(self) -> None:
+        px = torch.cat([p[0] for p in self.pending])
+        pp = torch.cat([p[1] for p in self.pending])
+        ph = (torch.arange(self.n_seen - px.shape[0], self.n_seen, device=self.device) % 2).long()
+        self.pending = []
+        self.n_processed = px.shape[0]
+        self._initialise(px, pp, ph)
+        self.n_updates += 1
+
+    @torch.no_grad()
+    def start(self) -> bool:
+        """Make the first classes now from the buffered particles, even if fewer than
+        ``settings.min_particles_to_start`` have come (e.g. at the end of a short run). Needs at least
+        ``n_classes`` buffered particles; returns whether the classifier has classes afterwards."""
+        n_pend = sum(p[0].shape[0] for p in self.pending)
+        if not self.initialised and n_pend >= self.K:
+            self._start_from_pending()
+        return self.initialised
 
     @torch.no_grad()
     def revisit(self, n: int) -> BatchResult | None:

@@ -350,7 +350,7 @@ class Session:
         """Wait for work in flight, feed the remaining particles to 2D, write every output."""
         while self._in_flight:
             self.step(timeout=1.0)
-        self.class2d.feed(final=True)
+        self.class2d.feed(final=True, end_of_run=True)
         self.write_outputs()
         self._report()
 
@@ -512,6 +512,9 @@ def write_particles_star(out: Path, store: SessionStore, settings: Settings, cac
 
 
 # ---------------------------------------------------------------------------------------------- 2D
+MIN_PARTICLES_PER_CLASS = 10  # at the end of a run, 2D starts with fewer particles than asked, but not fewer than this per class
+
+
 class Class2DStage:
     """Feeds accepted particles to :class:`cryolive.classify2d.StreamingClassifier2D` in batches.
 
@@ -542,8 +545,12 @@ class Class2DStage:
             log.info("2D: classifier state reloaded from %s", rel)
         return clf
 
-    def feed(self, final: bool = False) -> int:
-        """Feed unfed accepted particles if enough have come; return how many were fed."""
+    def feed(self, final: bool = False, end_of_run: bool = False) -> int:
+        """Feed unfed accepted particles if enough have come; return how many were fed.
+
+        ``end_of_run``: the session is ending (``process`` done, ``live`` stopped): start the classes even with
+        fewer than ``min_particles_to_start`` particles, as long as there are ``MIN_PARTICLES_PER_CLASS`` per class.
+        """
         s = self.settings.class2d
         df, ext = accepted_particles(self.out, self.store, self.settings, self._cache)
         if ext is None or df.empty:
@@ -555,7 +562,10 @@ class Class2DStage:
         starting = False
         if self.classifier is None:
             resuming = self.store.get_value("class2d_state") is not None
-            if not resuming and len(df) < s.min_particles_to_start:
+            needed = s.min_particles_to_start
+            if end_of_run:
+                needed = min(needed, MIN_PARTICLES_PER_CLASS * s.n_classes)
+            if not resuming and len(df) < needed:
                 return 0
             starting = not resuming  # the first classes: use every particle there is now
             self.classifier = self._create(int(ext["output_box_size_px"]), float(ext["particle_pixel_size_angstrom"]))
@@ -573,6 +583,8 @@ class Class2DStage:
             sl = slice(i, i + bs)
             result = self.classifier.update(images[sl], du[sl], dv[sl], da[sl])
             classes[sl] = result.class_index.cpu().numpy()
+        if end_of_run and not self.classifier.initialised:
+            self.classifier.start()  # a short run: classes from what there is
         buffered = np.flatnonzero(classes < 0)  # arrived before the classifier had its first classes
         if len(buffered) and self.classifier.initialised:
             for i in range(0, len(buffered), bs):
