@@ -173,7 +173,7 @@ def test_without_ctf_and_with_fixed_threshold_and_cap():
     capped = pick_blobs(m.noisy, 1.0, _settings(m, max_picks_per_micrograph=5), ctf=m.ctf)
     assert len(capped) == 5
     full = pick_blobs(m.noisy, 1.0, _settings(m), ctf=m.ctf)
-    assert torch.equal(capped.coords_yx_px, full.coords_yx_px[:5])
+    assert torch.allclose(capped.coords_yx_px, full.coords_yx_px[:5], atol=1e-3)  # the best five, same places
 
 
 def _simulator_micrograph(structure: str, seed: int, n_frames: int, pixel_size: float):

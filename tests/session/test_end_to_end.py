@@ -61,7 +61,8 @@ def test_process_cli_end_to_end(dataset, tmp_path):
     n_img = int(optics["rlnImageSize"].iloc[0])
     idx, stack = p["rlnImageName"].iloc[-1].split("@")
     with mrcfile.open(out / stack) as m:
-        assert m.data.shape[1:] == (n_img, n_img) and int(idx) == m.data.shape[0]
+        data = m.data if m.data.ndim == 3 else m.data[None]  # a stack of one image reads back as 2D
+        assert data.shape[1:] == (n_img, n_img) and int(idx) == data.shape[0]
     assert p["rlnCoordinateX"].between(0, 768).all() and p["rlnCoordinateY"].between(0, 768).all()
 
     classes = read_star(out / "class2d" / "classes.star")
