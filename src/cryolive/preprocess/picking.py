@@ -459,8 +459,9 @@ def pick_blobs(
     )
 
 
-def match_picks(pred_yx: torch.Tensor, true_yx: torch.Tensor, radius: float) -> tuple[int, float, float, float]:
-    """Greedy one-to-one matching of predicted to true positions ``(n, 2)``, ``(m, 2)`` within ``radius`` (px).
+def match_picks(pred_yx: torch.Tensor, true_yx: torch.Tensor, radius) -> tuple[int, float, float, float]:
+    """Greedy one-to-one matching of predicted to true positions ``(n, 2)``, ``(m, 2)`` within ``radius`` (px;
+    a number, or ``(m,)`` one per true position, e.g. 0.3 × each particle's diameter).
 
     Pairs are taken in order of increasing distance. Returns ``(tp, precision, recall, f1)``; precision is 1
     with no predictions and recall 1 with no truth.
@@ -469,7 +470,8 @@ def match_picks(pred_yx: torch.Tensor, true_yx: torch.Tensor, radius: float) -> 
     if n == 0 or m == 0:
         return 0, 1.0 if n == 0 else 0.0, 1.0 if m == 0 else 0.0, 0.0
     d = torch.cdist(pred_yx.double().cpu(), true_yx.double().cpu())
-    pi, ti = torch.nonzero(d <= radius, as_tuple=True)
+    r = torch.as_tensor(radius, dtype=torch.float64)
+    pi, ti = torch.nonzero(d <= (r[None, :] if r.ndim else r), as_tuple=True)
     order = torch.argsort(d[pi, ti])
     used_p = torch.zeros(n, dtype=torch.bool)
     used_t = torch.zeros(m, dtype=torch.bool)

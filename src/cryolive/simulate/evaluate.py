@@ -20,6 +20,7 @@ from ..fourier import fourier_ring_correlation, resolution_at_threshold
 from ..geometry import euler_angles_to_matrix
 from ..io.mrc import read_mrc
 from ..io.star import read_star
+from ..preprocess.picking import match_picks
 from .structure import load_atoms, project_atoms_2d
 
 
@@ -85,10 +86,10 @@ def picking_scores(out_dir: str | os.PathLike, sim_dir: str | os.PathLike, match
     for stem, p in picks.groupby("stem"):
         t = truth[truth["stem"] == stem]
         n_true += len(t)
-        tp += _greedy_matches(p[["rlnCoordinateY", "rlnCoordinateX"]].to_numpy(float),
-                              t[["rlnCoordinateY", "rlnCoordinateX"]].to_numpy(float),
-                              match_fraction * t["cryoliveDiameterAngstrom"].to_numpy(float)
-                              / _pixel_size(sim_dir))
+        tp += match_picks(torch.as_tensor(p[["rlnCoordinateY", "rlnCoordinateX"]].to_numpy(float)),
+                          torch.as_tensor(t[["rlnCoordinateY", "rlnCoordinateX"]].to_numpy(float)),
+                          torch.as_tensor(match_fraction * t["cryoliveDiameterAngstrom"].to_numpy(float)
+                                          / _pixel_size(sim_dir)))[0]
     n_picked = len(picks)
     precision = tp / max(n_picked, 1)
     recall = tp / max(n_true, 1)
@@ -99,20 +100,6 @@ def picking_scores(out_dir: str | os.PathLike, sim_dir: str | os.PathLike, match
 def _pixel_size(sim_dir) -> float:
     ex = read_star(Path(sim_dir, "truth", "exposures.star"))["micrographs"]
     return float(ex["rlnMicrographOriginalPixelSize"].iloc[0])
-
-
-def _greedy_matches(pred: np.ndarray, true: np.ndarray, radius_px: np.ndarray) -> int:
-    if len(pred) == 0 or len(true) == 0:
-        return 0
-    d = np.sqrt(((pred[:, None, :] - true[None, :, :]) ** 2).sum(-1))
-    ok = d <= radius_px[None, :]
-    pairs = sorted(zip(*np.nonzero(ok)), key=lambda ij: d[ij])
-    used_p, used_t = set(), set()
-    for i, j in pairs:
-        if i not in used_p and j not in used_t:
-            used_p.add(i)
-            used_t.add(j)
-    return len(used_p)
 
 
 @dataclass
