@@ -12,8 +12,9 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install --quiet torch==2.13.0
 fi
 python -m pip install --quiet -e '.[test]'
+# GNU nproc honours OMP_NUM_THREADS, so count the cores before pinning the threads per process
+NPROC="$(env -u OMP_NUM_THREADS nproc 2>/dev/null || echo 2)"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-NPROC="$(nproc 2>/dev/null || echo 2)"
 if [ "$NPROC" -ge 2 ]; then
     exec python -m pytest -n 2 "$@"
 fi
