@@ -29,6 +29,9 @@ def main(argv=None) -> None:
     ap.add_argument("--particle-diameter", type=float, default=150.0)
     ap.add_argument("--workers", type=int, default=1, help="0: run in this process")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--collection-seconds", type=float, default=10.0,
+                    help="the microscope's time per movie to compare against (EPU on a Krios with a fast "
+                         "detector: roughly 5-15 s per exposure)")
     args = ap.parse_args(argv)
 
     from cryolive.config import Class2DSettings, Optics, PickingSettings, Settings
@@ -61,9 +64,9 @@ def main(argv=None) -> None:
         feed = session.class2d.feed
         t_2d = [0.0]
 
-        def timed_feed(final=False):
+        def timed_feed(*args_, **kwargs):
             t = time.perf_counter()
-            n = feed(final=final)
+            n = feed(*args_, **kwargs)
             t_2d[0] += time.perf_counter() - t
             return n
 
@@ -88,6 +91,8 @@ def main(argv=None) -> None:
     print(f"{'class2d':<12}{t_2d[0] / n:>16.2f}{'':>10}{'':>10}   ({status.n_particles_classified} particles)")
     print(f"wall clock: {wall:.1f} s for {status.n_done} movies = {wall / n:.2f} s/movie "
           f"with {args.workers} worker(s) on {args.device}")
+    print(f"against the microscope at {args.collection_seconds:.0f} s/movie: processing takes "
+          f"{wall / n / args.collection_seconds:.2f}× the collection time (< 1 keeps up)")
     for name, err in failed:
         print(f"failed: {name}: {err}")
     tmp.cleanup()
