@@ -72,6 +72,17 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
+def _check_device(settings) -> None:
+    """Fail fast, with the reason, on a device this machine does not have (e.g. --device cuda without a GPU)."""
+    from .config import resolve_device
+
+    try:
+        resolve_device(settings.device)
+    except (ValueError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
 def _check_gain(settings) -> None:
     """Fail fast on an unusable gain reference (every movie would fail with the same reason)."""
     if settings.gain_path:
@@ -187,6 +198,7 @@ def process(
     settings = _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y,
                          particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
                          write_no_dw)
+    _check_device(settings)
     _check_gain(settings)
     with Progress(f"cryolive process → {out}") as progress:
         with Session(out, settings, progress=progress) as session:
@@ -231,6 +243,7 @@ def live(
     settings = _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y,
                          particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
                          write_no_dw)
+    _check_device(settings)
     _check_gain(settings)
     _stop_on_sigterm()
     watch_dir.mkdir(parents=True, exist_ok=True)

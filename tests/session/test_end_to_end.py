@@ -113,3 +113,15 @@ def test_simulate_cli_writes_a_dataset(tmp_path):
     with mrcfile.open(movie) as m:
         assert m.data.shape == (2, 256, 256)
     assert (out / "gain.mrc").is_file() and (out / "truth" / "exposures.star").is_file()
+
+
+def test_unavailable_device_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = CliRunner().invoke(app, ["process", str(tmp_path), "--out", str(tmp_path / "out"), *OPTICS,
+                                      "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "CUDA is not available" in result.output
+    assert not (tmp_path / "out" / "session.sqlite").exists()  # nothing started
