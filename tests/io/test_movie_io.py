@@ -94,10 +94,10 @@ def test_wrong_frame_size_reason(tmp_path):
     assert not err.value.transient
 
 
-def test_eer_is_not_supported_yet(tmp_path):
+def test_garbage_eer_is_a_movie_error(tmp_path):
     p = tmp_path / "x.eer"
     p.write_bytes(b"\0" * 100)
-    with pytest.raises(MovieFormatNotSupported, match="EER"):
+    with pytest.raises(MovieError, match="x.eer: unreadable EER"):
         open_movie(p)
     assert issubclass(MovieFormatNotSupported, NotImplementedError)
 

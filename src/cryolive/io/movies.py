@@ -1,4 +1,4 @@
-"""Open cryo-EM movies lazily (MRC/MRCS, TIFF incl. LZW; EER later), check them, and read gain references.
+"""Open cryo-EM movies lazily (MRC/MRCS, TIFF incl. LZW, EER), check them, and read gain references.
 
 A movie is a stack of frames ``(t, h, w)``, row 0 first, as mrcfile and tifffile return them.
 Every problem with a file is raised as :class:`MovieError` with a reason a person can act on; its
@@ -11,14 +11,22 @@ Examples::
     first = movie.read_frames(0, 4)  # float32 (4, h, w)
     validate_movie("movies/mic_0001.tif", expected_frame_shape=(4096, 4096))
     gain = read_gain("gain.mrc", flip_y=False, rotate=0, movie_shape=movie.shape[1:])
+    eer = open_movie("movies/FoilHole_1_fractions.eer", eer=EerOptions(dose_per_fraction=1.0, total_dose=40.0))
+    eer.shape                        # (fractions, 4096, 4096); read_frames sums raw frames per fraction
+
+EER movies (see :mod:`cryolive.io.eer`) are read as dose fractions: :class:`EerOptions` says how many raw
+frames make a fraction, the sampling (1×, 2× or 4× with the sub-pixel bits) and an optional Fourier binning.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from . import eer as _eer
 
 MRC_SUFFIXES = (".mrc", ".mrcs")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -37,7 +45,34 @@ class MovieError(Exception):
 
 
 class MovieFormatNotSupported(MovieError, NotImplementedError):
-    """The movie format is recognised but not supported yet (EER)."""
+    """The movie format is recognised but cannot be read (e.g. an EER variant with another bit layout)."""
+
+
+@dataclass(frozen=True)
+class EerOptions:
+    """How to turn an EER file's raw frames into fractions.
+
+    ``fraction_frames``: raw frames per fraction; if None, computed from ``dose_per_fraction`` and
+    ``total_dose`` (e/Å², the whole exposure) when both are given, else about 40 fractions.
+    ``upsampling``: 1 (physical pixels), 2 or 4 (super-resolution from the sub-pixel bits); ``bin_factor``:
+    Fourier-crop the rendered fractions by this factor. ``threads``: decoding threads (None: CPUs, ≤ 8).
+    """
+
+    fraction_frames: int | None = None
+    dose_per_fraction: float | None = None
+    total_dose: float | None = None
+    upsampling: int = 1
+    bin_factor: int = 1
+    threads: int | None = None
+
+    def frames_per_fraction(self, n_raw_frames: int) -> int:
+        if self.fraction_frames is not None:
+            if self.fraction_frames < 1:
+                raise MovieError(f"EER fraction size must be ≥ 1 raw frame, got {self.fraction_frames}")
+            return int(self.fraction_frames)
+        if self.dose_per_fraction is not None and self.total_dose is not None:
+            return _eer.fraction_frames_for_dose(n_raw_frames, self.total_dose, self.dose_per_fraction)
+        return _eer.default_fraction_frames(n_raw_frames)
 
 
 def _fmt_shape(shape) -> str:
@@ -163,7 +198,7 @@ def _validate_tiff(path: Path, decode: bool = True):
 class Movie:
     """A movie opened lazily: frames are read from disk only when asked for.
 
-    Attributes: ``path``, ``shape`` ``(t, h, w)``, ``dtype`` (as stored), ``format`` ("mrc" or "tiff").
+    Attributes: ``path``, ``shape`` ``(t, h, w)``, ``dtype`` (as stored), ``format`` ("mrc", "tiff" or "eer").
     """
 
     def __init__(self, path: Path, fmt: str, shape: tuple[int, int, int], dtype: np.dtype):
@@ -216,14 +251,64 @@ class Movie:
         return f"Movie({self.path.name!r}, format={self.format}, shape={self.shape}, dtype={self.dtype})"
 
 
-def open_movie(path: str | os.PathLike) -> Movie:
-    """Open a movie lazily from its header (no frame data read). EER raises :class:`MovieFormatNotSupported`."""
+class EerMovie(Movie):
+    """An EER movie seen as fractions: ``shape`` is ``(fractions, h·u/b, w·u/b)``; frames are event counts.
+
+    ``layout`` (:class:`cryolive.io.eer.EerLayout`), ``options`` (:class:`EerOptions`), ``fraction_frames``
+    (raw frames per fraction; ``n_raw_frames % fraction_frames`` trailing raw frames are not used).
+    """
+
+    def __init__(self, layout: _eer.EerLayout, options: EerOptions):
+        self.layout = layout
+        self.options = options
+        self.fraction_frames = options.frames_per_fraction(layout.n_raw_frames)
+        h, w = layout.frame_shape
+        u, b = int(options.upsampling), int(options.bin_factor)
+        n = layout.n_raw_frames // self.fraction_frames
+        dtype = np.dtype(np.uint16) if b == 1 else np.dtype(np.float32)
+        super().__init__(layout.path, "eer", (n, h * u // b, w * u // b), dtype)
+
+    @property
+    def n_raw_frames(self) -> int:
+        return self.layout.n_raw_frames
+
+    def read_frames(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Fractions ``start..stop-1`` as float32 ``(n, h, w)``, decoded raw frame by raw frame."""
+        stop = self.shape[0] if stop is None else stop
+        try:
+            return _eer.read_eer_fractions(self.layout, int(start), int(stop), self.fraction_frames,
+                                           upsampling=self.options.upsampling, bin_factor=self.options.bin_factor,
+                                           threads=self.options.threads)
+        except _eer.EerError as exc:
+            raise MovieError(str(exc), transient=exc.transient) from exc
+        except ValueError as exc:
+            raise MovieError(f"{self.path.name}: {exc}") from exc
+
+
+def _open_eer(path: Path, options: EerOptions | None, decode: bool = False) -> EerMovie:
+    try:
+        layout = _eer.EerLayout.read(path)
+        movie = EerMovie(layout, options or EerOptions())
+        if movie.shape[0] == 0:
+            raise MovieError(f"{path.name}: {layout.n_raw_frames} raw frames do not fill one fraction of "
+                             f"{movie.fraction_frames}")
+        if decode:
+            _eer.validate_eer(layout, threads=movie.options.threads)
+    except _eer.EerError as exc:
+        raise MovieError(str(exc), transient=exc.transient) from exc
+    except ImportError as exc:
+        raise MovieFormatNotSupported(f"{path.name}: EER needs imagecodecs with its EER decoder: {exc}") from exc
+    return movie
+
+
+def open_movie(path: str | os.PathLike, eer: EerOptions | None = None) -> Movie:
+    """Open a movie lazily from its header (no frame data read); ``eer``: how EER raw frames become fractions."""
     path = Path(path)
     if not path.is_file():
         raise MovieError(f"{path}: no such file", transient=True)
     kind = _movie_kind(path)
     if kind == "eer":
-        raise MovieFormatNotSupported(f"{path.name}: EER movies are not supported yet")
+        return _open_eer(path, eer)
     if kind == "mrc":
         nx, ny, nz, dtype, _, _ = _mrc_header(path)
         return Movie(path, "mrc", (nz, ny, nx), dtype)
@@ -239,12 +324,13 @@ def open_movie(path: str | os.PathLike) -> Movie:
 
 
 def validate_movie(path: str | os.PathLike, expected_frame_shape: tuple[int, int] | None = None,
-                   decode: bool = True) -> Movie:
+                   decode: bool = True, eer: EerOptions | None = None) -> Movie:
     """Check that a movie is complete and consistent, and return it opened.
 
     MRC: the header's dimensions × data type size + extended header + 1024 must equal the file size.
     TIFF: every page must have the same 2D shape, its data must lie inside the file and (``decode=True``)
-    decode without error. ``expected_frame_shape`` ``(h, w)``: the session's frame size, if known.
+    decode without error. EER: every raw frame has the same size and EER compression, its bytes lie inside the
+    file and (``decode=True``) decode without error. ``expected_frame_shape`` ``(h, w)``: the session's frame size, if known.
 
     Raises :class:`MovieError` with the reason (``transient=True`` when the file looks incomplete).
     """
@@ -253,8 +339,9 @@ def validate_movie(path: str | os.PathLike, expected_frame_shape: tuple[int, int
         raise MovieError(f"{path}: no such file", transient=True)
     kind = _movie_kind(path)
     if kind == "eer":
-        raise MovieFormatNotSupported(f"{path.name}: EER movies are not supported yet")
-    if kind == "mrc":
+        movie = _open_eer(path, eer, decode=decode)
+        shape = movie.shape
+    elif kind == "mrc":
         shape, dtype = _validate_mrc(path)
     else:
         shape, dtype = _validate_tiff(path, decode=decode)
@@ -263,6 +350,8 @@ def validate_movie(path: str | os.PathLike, expected_frame_shape: tuple[int, int
             f"{path.name}: frame size {_fmt_shape(shape[1:])} differs from the session's "
             f"{_fmt_shape(expected_frame_shape)}"
         )
+    if kind == "eer":
+        return movie
     return Movie(path, kind, shape, dtype)
 
 
