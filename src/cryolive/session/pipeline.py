@@ -1,7 +1,8 @@
 """The per-exposure chain, run in worker processes: movie → motion → CTF → picking → extraction.
 
 :func:`process_exposure` reads one movie (and the gain), corrects hot pixels, aligns the frames, estimates
-the CTF on the non-dose-weighted sum, picks particles, extracts them, and writes per CONTRACT.md::
+the CTF on the non-dose-weighted sum (with the defocus landscape / stage tilt when the micrograph spans at least
+two CTF tiles each way, and a relative ice thickness), picks particles, extracts them, and writes per CONTRACT.md::
 
     OUT/motion/<movie>.star            data_general + data_global_shift (RELION layout)
     OUT/micrographs/<movie>.mrc        dose-weighted sum (<movie>_noDW.mrc with settings.motion.write_no_dw)
@@ -48,6 +49,8 @@ class StageFunctions:
     extract_particles: Callable | None = None
     default_box_sizes: Callable | None = None
     per_particle_defocus: Callable | None = None
+    estimate_ctf_patches: Callable | None = None
+    estimate_ice_thickness: Callable | None = None
     detect_hot_pixels: Callable | None = None
     correct_defects: Callable | None = None
 
@@ -71,6 +74,10 @@ def _default_function(name: str) -> Callable:
         from ..preprocess.ctf_fit import estimate_ctf
 
         return estimate_ctf
+    if name in ("estimate_ctf_patches", "estimate_ice_thickness"):
+        from ..preprocess import ctf_landscape
+
+        return getattr(ctf_landscape, name)
     if name == "pick_blobs":
         from ..preprocess.picking import pick_blobs
 
@@ -293,13 +300,18 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
         t0 = time.perf_counter()
         ctf = fns.estimate_ctf(micrograph_nodw, px, optics.voltage_kv, optics.cs_mm, optics.amplitude_contrast,
                                settings.ctf)
+        landscape, tilt_metrics = _ctf_landscape(fns, micrograph_nodw, ctf, settings)
+        ice = fns.estimate_ice_thickness(micrograph_nodw, px, settings.ctf.tile_size_px)
         metrics = {
             "seconds": time.perf_counter() - t0,
             "defocus_u": _to_float(ctf.defocus_u), "defocus_v": _to_float(ctf.defocus_v),
             "defocus_angle_deg": _to_float(ctf.defocus_angle_deg), "astigmatism": _to_float(ctf.astigmatism),
             "max_resolution_angstrom": _to_float(ctf.max_resolution_angstrom),
             "figure_of_merit": _to_float(ctf.figure_of_merit),
-            "ice_thickness_angstrom": _to_float(getattr(ctf, "ice_thickness_angstrom", None)),
+            # relative (dimensionless) ice thickness, see preprocess.ctf_landscape.estimate_ice_thickness
+            "ice_thickness_angstrom": _to_float(getattr(ice, "relative_thickness", None)),
+            "ice_flag": str(getattr(ice, "flag", "not_measurable")),
+            **tilt_metrics,
         }
         results.append(StageOutcome("ctf", hashes["ctf"], metrics, {}))
 
@@ -335,7 +347,7 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
         coords_kept = coords[kept]
         scores_kept = scores[kept]
         n = int(len(coords_kept))
-        du, dv, da = _particle_defocus(fns, ctf, coords_kept)
+        du, dv, da = _particle_defocus(fns, ctf, coords_kept, landscape)
         write_mrc(paths["particles_mrcs"], images.astype(np.float32).reshape(n, out_box, out_box), particle_px,
                   stack=True)
         stack_rel = _rel(paths["particles_mrcs"], out)
@@ -369,14 +381,42 @@ def _box_sizes(fns: StageFunctions, settings: Settings) -> tuple[int, int]:
     return box, out_box
 
 
-def _particle_defocus(fns: StageFunctions, ctf, coords_yx: np.ndarray):
-    """Per-particle defocus U, V (Å) and angle (deg) as numpy float64 arrays ``(n,)``."""
+def _ctf_landscape(fns: StageFunctions, micrograph_nodw, ctf, settings: Settings):
+    """The defocus landscape (stage tilt) when the micrograph spans at least two CTF tiles each way.
+
+    Returns ``(landscape or None, metrics)``; metrics ``stage_tilt_deg``, ``tilt_axis_deg`` (NaN when not
+    estimated) and ``landscape_error`` when the fit failed (the exposure then goes on with one defocus).
+    """
+    h, w = micrograph_nodw.shape[-2:]
+    nan = float("nan")
+    metrics = {"stage_tilt_deg": nan, "tilt_axis_deg": nan}
+    if min(h, w) < 2 * settings.ctf.tile_size_px:
+        return None, metrics
+    optics = settings.optics
+    try:
+        land = fns.estimate_ctf_patches(micrograph_nodw, optics.pixel_size_angstrom, optics.voltage_kv, optics.cs_mm,
+                                        optics.amplitude_contrast, settings.ctf, global_result=ctf)
+    except Exception as exc:  # the global fit stands; per-particle defocus falls back to it
+        metrics["landscape_error"] = f"{type(exc).__name__}: {exc}"
+        return None, metrics
+    metrics["stage_tilt_deg"] = _to_float(land.stage_tilt_deg)
+    metrics["tilt_axis_deg"] = _to_float(land.tilt_axis_deg)
+    return land, metrics
+
+
+def _particle_defocus(fns: StageFunctions, ctf, coords_yx: np.ndarray, landscape=None):
+    """Per-particle defocus U, V (Å) and angle (deg) as numpy float64 arrays ``(n,)`` (with the defocus landscape
+    when there is one)."""
     import torch
 
     n = len(coords_yx)
     if n == 0:
         return np.zeros(0), np.zeros(0), np.zeros(0)
-    du, dv, da = fns.per_particle_defocus(torch.as_tensor(coords_yx, dtype=torch.float32), ctf)
+    coords = torch.as_tensor(coords_yx, dtype=torch.float32)
+    if landscape is None:
+        du, dv, da = fns.per_particle_defocus(coords, ctf)
+    else:
+        du, dv, da = fns.per_particle_defocus(coords, ctf, landscape=landscape)
     return tuple(_np(v).astype(np.float64).reshape(n) for v in (du, dv, da))
 
 

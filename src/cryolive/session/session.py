@@ -10,7 +10,10 @@ streaming 2D classifier in batches, and rewrites the aggregate files atomically 
     OUT/class2d/state.pt       the classifier's state (torch.save), reloaded on resume
     OUT/provenance.json        version, time, command line, settings
 
-cryolive's own columns: exposures.star ``cryoliveIceThicknessAngstrom`` (NaN until estimated),
+cryolive's own columns: exposures.star ``cryoliveIceThicknessAngstrom`` (a *relative*, dimensionless ice
+thickness despite the name, for ranking exposures: :func:`cryolive.preprocess.ctf_landscape.estimate_ice_thickness`;
+NaN when not measurable), ``cryoliveStageTiltDeg`` and ``cryoliveTiltAxisDeg`` (from the defocus landscape; NaN
+for micrographs smaller than two CTF tiles),
 ``cryoliveParticleCount``, ``cryoliveAccepted`` (1/0), ``cryoliveRejectionReason`` ("none" or the reason with
 underscores for spaces); particles.star ``cryolivePickScore``; classes.star ``cryoliveParticleCount``,
 ``cryoliveSelected`` (1/0, :func:`select_classes`).
@@ -434,6 +437,8 @@ def exposure_rows(store: SessionStore, settings: Settings) -> list[dict]:
             "rlnCtfMaxResolution": cm.get("max_resolution_angstrom", nan),
             "rlnCtfFigureOfMerit": cm.get("figure_of_merit", nan),
             "cryoliveIceThicknessAngstrom": _nan_if_none(cm.get("ice_thickness_angstrom")),
+            "cryoliveStageTiltDeg": _nan_if_none(cm.get("stage_tilt_deg")),
+            "cryoliveTiltAxisDeg": _nan_if_none(cm.get("tilt_axis_deg")),
             "cryoliveParticleCount": int(exp.n_particles or 0),
             "cryoliveAccepted": int(ok),
             "cryoliveRejectionReason": "none" if ok else reason.replace(" ", "_"),
@@ -456,7 +461,7 @@ def write_exposures_star(out: Path, store: SessionStore, settings: Settings) -> 
     cols = ["rlnMicrographMovieName", "rlnMicrographName", "rlnOpticsGroup", "rlnAccumMotionTotal",
             "rlnAccumMotionEarly", "rlnAccumMotionLate", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle",
             "rlnCtfAstigmatism", "rlnCtfMaxResolution", "rlnCtfFigureOfMerit", "cryoliveIceThicknessAngstrom",
-            "cryoliveParticleCount", "cryoliveAccepted", "cryoliveRejectionReason"]
+            "cryoliveStageTiltDeg", "cryoliveTiltAxisDeg", "cryoliveParticleCount", "cryoliveAccepted", "cryoliveRejectionReason"]
     df = pd.DataFrame(rows, columns=cols + ["_exposure_id"])[cols]
     return write_star(out / "exposures.star", {"optics": optics_table(settings), "micrographs": df})
 

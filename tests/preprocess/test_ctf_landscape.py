@@ -1,0 +1,147 @@
+"""Defocus landscape (stage tilt, per-particle defocus) and relative ice thickness against the simulator's truth.
+
+Micrographs are the simulator's noiseless reference (1024² at 1 Å/px, 40 e/Å²) with Poisson noise; particle
+heights in the ice are switched off where per-particle defocus is compared, since the landscape models the
+tilted plane and not the height of each particle in the ice.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from cryolive.preprocess.ctf_fit import estimate_ctf
+from cryolive.preprocess.ctf_landscape import estimate_ctf_patches, estimate_ice_thickness, fit_defocus_plane
+from cryolive.preprocess.extraction import per_particle_defocus
+from cryolive.simulate.movies import MovieSimulator, SimulationSettings
+
+DOSE = 40.0  # e/Å² in the sum
+
+
+def _micrograph(seed: int, **kw):
+    """(noisy non-dose-weighted sum (h, w), truth) of a simulated exposure."""
+    base = dict(image_shape_px=(1024, 1024), n_frames=40, dose_per_frame=DOSE / 40, particles_per_micrograph=80,
+                local_motion_angstrom=0.0, oversampling=1, particle_height_spread=False, seed=seed,
+                defocus_range_angstrom=(8000.0, 30000.0))
+    base.update(kw)
+    s = SimulationSettings(**base)
+    truth = MovieSimulator(s, seed).truth()
+    img = torch.poisson(truth.reference.clamp(min=0), generator=torch.Generator().manual_seed(seed))
+    return img, truth
+
+
+def _angle_diff_deg(a: float, b: float) -> float:
+    return abs((a - b + 180.0) % 360.0 - 180.0)
+
+
+@pytest.mark.parametrize("seed", [0, 6, 7])  # 6 and 7: the highest defoci (2.7 µm), the hardest
+def test_tilted_micrograph_gives_tilt_axis_and_particle_defocus(seed):
+    img, truth = _micrograph(seed, stage_tilt_deg=30.0)
+    glob = estimate_ctf(img, 1.0, 300.0, 2.7, 0.1)
+    land = estimate_ctf_patches(img, 1.0, 300.0, 2.7, 0.1, global_result=glob)
+    assert abs(land.stage_tilt_deg - 30.0) <= 3.0, (land.stage_tilt_deg, truth.defocus_u)
+    assert _angle_diff_deg(land.tilt_axis_deg, truth.tilt_axis_deg) <= 10.0, (land.tilt_axis_deg, truth.tilt_axis_deg)
+    coords = truth.particles["coords_yx_px"]
+    du, dv, _ = per_particle_defocus(coords, glob, landscape=land)
+    mean_fit = (du + dv) / 2
+    mean_truth = (truth.particles["defocus_u"] + truth.particles["defocus_v"]) / 2
+    assert float(mean_truth.max() - mean_truth.min()) > 400  # the plane spans > 400 Å over the particles
+    rms = float((mean_fit - mean_truth).pow(2).mean().sqrt())
+    assert rms <= 100.0, rms
+    # without the landscape the error would be the plane itself
+    assert float((float(mean_fit.mean()) - mean_truth).pow(2).mean().sqrt()) > 2 * rms
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_untilted_micrograph_gives_no_tilt(seed):
+    img, truth = _micrograph(seed, stage_tilt_deg=0.0)
+    land = estimate_ctf_patches(img, 1.0, 300.0, 2.7, 0.1)
+    assert land.stage_tilt_deg < 3.0, land.stage_tilt_deg
+    offsets = land(truth.particles["coords_yx_px"])
+    assert float(offsets.abs().max()) < 0.05 * 1024 * 1.0 * 1.5  # within tan(3°)·half-diagonal
+
+
+def test_landscape_convention_matches_simulator_formula():
+    """The callable is the plane of the module docstring: defocus rises along (−sin φ, cos φ) in (x, y)."""
+    phi = math.radians(120.0)
+    t = math.tan(math.radians(20.0))
+    a, b = -t * math.sin(phi), t * math.cos(phi)  # Å/px at 1 Å/px
+    ys, xs = np.meshgrid(np.arange(100, 1000, 200.0), np.arange(100, 1000, 200.0), indexing="ij")
+    centres = np.stack([ys.ravel(), xs.ravel()], -1)
+    d = 15000 + a * (centres[:, 1] - 512) + b * (centres[:, 0] - 512)
+    d[[3, 11, 17]] += [3000.0, -2500.0, 4000.0]  # three wild patches
+    coef, used = fit_defocus_plane(centres, d, (1024, 1024))
+    assert not used[[3, 11, 17]].any() and used.sum() == 22
+    np.testing.assert_allclose(coef, [15000, a, b], atol=1e-6)
+
+
+def test_ice_thickness_ranks_micrographs():
+    """200 → 1000 Å ice, random defocus and astigmatism: the relative thickness ranks them (Spearman ≥ 0.9)."""
+    thickness = np.linspace(200.0, 1000.0, 9)
+    est = []
+    for i, t in enumerate(thickness):
+        img, _ = _micrograph(100 + i, image_shape_px=(512, 512), particles_per_micrograph=30,
+                             ice_thickness_range_angstrom=(t, t), defocus_range_angstrom=(5000.0, 35000.0),
+                             particle_height_spread=True)
+        e = estimate_ice_thickness(img, 1.0)
+        assert e.flag == "ok"
+        est.append(e.relative_thickness)
+    rho = spearmanr(thickness, est).statistic
+    assert rho >= 0.9, (rho, est)
+
+
+def test_ice_thickness_needs_the_water_ring():
+    img = torch.poisson(torch.full((256, 256), 40.0), generator=torch.Generator().manual_seed(0))
+    e = estimate_ice_thickness(img, 1.8)
+    assert math.isnan(e.relative_thickness) and e.flag == "not_measurable"
+    # pure shot noise (no ice, no specimen): nothing above the noise floor (200 Å of ice gives ≈ 0.016)
+    assert abs(estimate_ice_thickness(img, 1.0).relative_thickness) < 1e-3
+
+
+def test_pipeline_records_tilt_ice_and_per_particle_defocus(tmp_path):
+    """process_exposure on a simulated 30°-tilted movie: tilt in the metrics, per-particle defocus in the star."""
+    from cryolive.config import Optics, PickingSettings, Settings
+    from cryolive.io.star import read_star
+    from cryolive.session.pipeline import StageFunctions, process_exposure
+    from cryolive.simulate.dataset import write_movie
+
+    s = SimulationSettings(image_shape_px=(1024, 1024), n_frames=4, dose_per_frame=10.0, particles_per_micrograph=60,
+                           local_motion_angstrom=0.0, max_drift_angstrom=0.0, oversampling=1, gain_variation=0.0,
+                           n_hot_pixels=0, particle_height_spread=False, stage_tilt_deg=30.0, movie_format="mrc",
+                           defocus_range_angstrom=(10000.0, 20000.0), seed=3)
+    sim = MovieSimulator(s, 0)
+    path = write_movie(sim, tmp_path / sim.name)
+    truth = sim.truth()
+    coords = truth.particles["coords_yx_px"]
+
+    def sum_frames(frames, pixel_size_angstrom, dose_per_frame, voltage_kv, settings):
+        total = frames.sum(0)
+        return SimpleNamespace(shifts_yx_px=torch.zeros(frames.shape[0], 2), micrograph=total,
+                               micrograph_nodw=total.clone(), accum_motion_total=0.0, accum_motion_early=0.0,
+                               accum_motion_late=0.0)
+
+    def truth_picks(micrograph, pixel_size_angstrom, settings, ctf=None):
+        return SimpleNamespace(coords_yx_px=coords, scores=torch.ones(len(coords)))
+
+    settings = Settings(optics=Optics(pixel_size_angstrom=1.0), dose_per_frame=10.0, n_workers=0,
+                        picking=PickingSettings(particle_diameter_angstrom=150.0))
+    stages = StageFunctions(align_movie=sum_frames, pick_blobs=truth_picks)
+    outcome = process_exposure(path, settings, tmp_path / "out", stages=stages)
+    assert outcome.ok, outcome.error
+    ctf = next(st for st in outcome.stages if st.stage == "ctf").metrics
+    assert abs(ctf["stage_tilt_deg"] - 30.0) <= 3.0, ctf
+    assert _angle_diff_deg(ctf["tilt_axis_deg"], truth.tilt_axis_deg) <= 10.0, (ctf, truth.tilt_axis_deg)
+    assert math.isfinite(ctf["ice_thickness_angstrom"])
+    rows = read_star(tmp_path / "out" / "particles" / f"{path.stem}.star")["particles"]
+    fit = {(round(y), round(x)): (u + v) / 2 for y, x, u, v in
+           zip(rows["rlnCoordinateY"], rows["rlnCoordinateX"], rows["rlnDefocusU"], rows["rlnDefocusV"])}
+    mean_truth = ((truth.particles["defocus_u"] + truth.particles["defocus_v"]) / 2).tolist()
+    err = [fit[(round(float(y)), round(float(x)))] - m for (y, x), m in zip(coords.tolist(), mean_truth)
+           if (round(float(y)), round(float(x))) in fit]
+    assert len(err) >= 0.9 * len(coords)
+    assert float(np.sqrt(np.mean(np.square(err)))) <= 100.0
