@@ -145,3 +145,28 @@ def test_pipeline_records_tilt_ice_and_per_particle_defocus(tmp_path):
            if (round(float(y)), round(float(x))) in fit]
     assert len(err) >= 0.9 * len(coords)
     assert float(np.sqrt(np.mean(np.square(err)))) <= 100.0
+
+
+def test_global_fit_over_a_wide_range_of_conditions():
+    """estimate_ctf over defocus 0.5–3.5 µm, astigmatism 0–1000 Å, pixel 0.8–1.5 Å, 200 and 300 kV (1024², 40 e/Å²):
+    mean-defocus RMS error ≤ 50 Å, median ≤ 20 Å, U and V within the same bars, angle within 5° where the
+    astigmatism exceeds 200 Å."""
+    rng = np.random.default_rng(0)
+    err_mean, err_uv, err_angle = [], [], []
+    for i in range(12):
+        px = float(rng.uniform(0.8, 1.5))
+        kv = (200.0, 300.0)[i % 2]
+        s = SimulationSettings(image_shape_px=(1024, 1024), n_frames=40, dose_per_frame=1.0,
+                               particles_per_micrograph=int(60 / px**2) + 5, pixel_size_angstrom=px, voltage_kv=kv,
+                               local_motion_angstrom=0.0, oversampling=1, seed=1000 + i,
+                               defocus_range_angstrom=(5000.0, 35000.0), max_astigmatism_angstrom=1000.0)
+        truth = MovieSimulator(s, i).truth()
+        img = torch.poisson(truth.reference.clamp(min=0), generator=torch.Generator().manual_seed(i))
+        r = estimate_ctf(img, px, kv, 2.7, 0.1)
+        err_mean.append((r.defocus_u + r.defocus_v) / 2 - (truth.defocus_u + truth.defocus_v) / 2)
+        err_uv += [r.defocus_u - truth.defocus_u, r.defocus_v - truth.defocus_v]
+        if truth.defocus_u - truth.defocus_v > 200:
+            err_angle.append(abs((r.defocus_angle_deg - truth.defocus_angle_deg + 90) % 180 - 90))
+    for e in (np.array(err_mean), np.array(err_uv)):
+        assert np.sqrt(np.mean(e**2)) <= 50.0 and np.median(np.abs(e)) <= 20.0, e
+    assert len(err_angle) >= 5 and max(err_angle) <= 5.0, err_angle
