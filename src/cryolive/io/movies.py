@@ -329,8 +329,9 @@ def validate_movie(path: str | os.PathLike, expected_frame_shape: tuple[int, int
 
     MRC: the header's dimensions × data type size + extended header + 1024 must equal the file size.
     TIFF: every page must have the same 2D shape, its data must lie inside the file and (``decode=True``)
-    decode without error. EER: every raw frame has the same size and EER compression, its bytes lie inside the
-    file and (``decode=True``) decode without error. ``expected_frame_shape`` ``(h, w)``: the session's frame size, if known.
+    decode without error. EER: every raw frame has the same size and EER compression, its bytes lie inside
+    the file and (``decode=True``) decode without error; ``eer`` says how raw frames become fractions.
+    ``expected_frame_shape`` ``(h, w)``: the session's frame size (of the fractions for EER), if known.
 
     Raises :class:`MovieError` with the reason (``transient=True`` when the file looks incomplete).
     """

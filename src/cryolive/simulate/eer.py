@@ -86,8 +86,8 @@ def write_eer(path: str | os.PathLike, frames: Iterable[tuple[np.ndarray, np.nda
               compression: int = 65001, metadata: dict | None = None) -> int:
     """Write raw frames ``(events (h, w), subpixel (h, w) or None)`` as an EER TIFF; return the frame count.
 
-    A little-endian BigTIFF, as the Falcon writes (one IFD and one strip per raw frame, 1 bit per sample, the EER compression
-    tag). ``metadata`` (name → value) is written on the first page as Falcon's XML (tag 65001,
+    A little-endian BigTIFF, as the Falcon writes (one IFD and one strip per raw frame, 1 bit per sample, the
+    EER compression tag). ``metadata`` (name → value) is written on the first page as Falcon's XML (tag 65001,
     ``<metadata><item name="...">value</item>...</metadata>``), which marks the file as EER for tifffile.
     Compression 65002 writes the tags 65007-65009 (7 run-length bits, 2 + 2 sub-pixel bits).
     """
@@ -115,7 +115,7 @@ def write_eer(path: str | os.PathLike, frames: Iterable[tuple[np.ndarray, np.nda
             ifd_at = f.tell()
             entries = [(256, LONG, 1, w), (257, LONG, 1, h), (258, SHORT, 1, 1), (259, SHORT, 1, compression),
                        (262, SHORT, 1, 1), (273, LONG, 1, data_at), (277, SHORT, 1, 1), (278, LONG, 1, h),
-                       (279, LONG, 1, len(strip))] + meta_entry
+                       (279, LONG, 1, len(strip)), *meta_entry]
             if compression == 65002:
                 entries += [(65007, SHORT, 1, rle_bits), (65008, SHORT, 1, 2), (65009, SHORT, 1, 2)]
             f.write(_ifd(entries, 0))
