@@ -95,6 +95,40 @@ def _check_gain(settings) -> None:
             raise typer.Exit(2) from exc
 
 
+def _check_gain_orientation(settings, movies, n_movies: int = 2) -> str | None:
+    """Warn (never stop) when the gain reference fits the first movies better rotated or flipped.
+
+    Sums the raw frames of up to ``n_movies`` movies and compares the 8 orientations of the gain
+    (:func:`cryolive.preprocess.gain.check_gain_orientation`); returns the warning it logged, if any.
+    """
+    if not settings.gain_path:
+        return None
+    import torch
+
+    from .io.movies import MovieError, open_movie, read_gain
+    from .preprocess.gain import check_gain_orientation
+    from .session.session import expand_movie_args
+
+    try:
+        gain = read_gain(settings.gain_path, flip_y=settings.gain_flip_y)
+        total = None
+        for path in expand_movie_args(movies, settings.movie_pattern)[:n_movies]:
+            frames_sum = open_movie(path).read_all().sum(0)
+            if frames_sum.shape != gain.shape:
+                return None  # the shape mismatch is reported per movie by the session
+            total = frames_sum if total is None else total + frames_sum
+    except (MovieError, OSError, ValueError) as exc:
+        log.debug("gain orientation not checked: %s", exc)
+        return None
+    if total is None:
+        return None
+    warning = check_gain_orientation(torch.from_numpy(total), torch.from_numpy(gain))
+    if warning:
+        warning = f"{warning} (given: --gain {settings.gain_path}, gain flip Y {settings.gain_flip_y})"
+        log.warning(warning)
+    return warning
+
+
 class Progress:
     """Live progress: a rich panel on a terminal, plain log lines otherwise (one per change, at most every 5 s)."""
 
@@ -200,6 +234,7 @@ def process(
                          write_no_dw)
     _check_device(settings)
     _check_gain(settings)
+    _check_gain_orientation(settings, movies)
     with Progress(f"cryolive process → {out}") as progress:
         with Session(out, settings, progress=progress) as session:
             st = session.process(movies)

@@ -61,7 +61,9 @@ def test_a_turned_gain_file_is_detected(tmp_path, rotation_deg, flip_y):
     np.testing.assert_allclose(fixed, gain.numpy(), rtol=1e-6)
     torch.testing.assert_close(orient_gain_2d(as_given, rotation_deg, flip_y), gain)
     warning = check_gain_orientation(total, as_given)
-    assert warning is not None and f"rotated by {rotation_deg}°" in warning
+    assert warning is not None
+    assert (f"rotated by {rotation_deg}° counter-clockwise" in warning) == (rotation_deg != 0)
+    assert ("flipped in Y" in warning) == flip_y
 
 
 def test_non_square_tries_only_shape_preserving_turns():
@@ -71,3 +73,32 @@ def test_non_square_tries_only_shape_preserving_turns():
     assert (scores[0].rotation_deg, scores[0].flip_y) == (0, True)
     with pytest.raises(ValueError, match="no orientation"):
         gain_orientation_scores(total, gain[:50])
+
+
+def test_cli_warns_when_the_gain_file_is_flipped(tmp_path, caplog):
+    import logging
+
+    import mrcfile
+
+    from cryolive.cli import _check_gain_orientation
+    from cryolive.config import Settings
+
+    det = make_detector((128, 128), gain_variation=0.1, n_hot_pixels=3, seed=4)
+    g = torch.Generator().manual_seed(4)
+    frames = torch.stack([torch.poisson(8.0 * det.sensitivity, generator=g) for _ in range(20)])
+    (tmp_path / "movies").mkdir()
+    with mrcfile.new(tmp_path / "movies" / "m1.mrc") as m:
+        m.set_data(frames.numpy().astype(np.int16))
+    for name, stored in (("good.mrc", det.gain), ("flipped.mrc", det.gain.flip(0))):
+        with mrcfile.new(tmp_path / name) as m:
+            m.set_data(stored.numpy().astype(np.float32))
+    movies = [str(tmp_path / "movies")]
+    with caplog.at_level(logging.WARNING, logger="cryolive"):
+        assert _check_gain_orientation(Settings(gain_path=str(tmp_path / "good.mrc")), movies) is None
+        assert not caplog.records
+        warning = _check_gain_orientation(Settings(gain_path=str(tmp_path / "flipped.mrc")), movies)
+    assert warning is not None and "; flipped in Y it fits" in warning
+    assert caplog.records and "flipped.mrc" in caplog.records[-1].getMessage()
+    # with the flip given, it fits
+    fixed = Settings(gain_path=str(tmp_path / "flipped.mrc"), gain_flip_y=True)
+    assert _check_gain_orientation(fixed, movies) is None

@@ -83,6 +83,7 @@ def check_gain_orientation(frames_sum: torch.Tensor, gain: torch.Tensor, margin:
     best = scores[0]
     if best is given or best.score >= given.score * (1 - margin):
         return None
+    turn = " then ".join(([f"rotated by {best.rotation_deg}° counter-clockwise"] if best.rotation_deg else [])
+                         + (["flipped in Y"] if best.flip_y else []))
     return (f"the gain reference does not fit the movies as given (pixel variance {given.score:.3g} of mean²); "
-            f"rotated by {best.rotation_deg}° counter-clockwise{' then flipped in Y' if best.flip_y else ''} it "
-            f"fits ({best.score:.3g}): check the gain's rotation/flip options")
+            f"{turn} it fits ({best.score:.3g}): check the gain's rotation/flip options")
