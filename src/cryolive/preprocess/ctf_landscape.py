@@ -12,7 +12,7 @@ increases along the direction ``(−sin φ, cos φ)`` in (x, y). The returned :c
 defocus at the micrograph centre (the spectrum of a symmetric plane averages to its centre value); pass it to
 :func:`cryolive.preprocess.extraction.per_particle_defocus`.
 
-Method per patch: the patch (``h/ny × w/nx`` pixels, enlarged by 50 % so neighbours overlap) gives a
+Method per patch: the patch (``2h/ny × 2w/nx`` pixels, twice the grid cell, so neighbours overlap) gives a
 power spectrum (:func:`average_power_spectrum_2d`; by default one tapered tile of the whole patch); it is
 flattened by a smooth radial curve and scored, as in the global fit, by the R² of ``B(k) + E(k)·CTF²`` over the
 band ``[settings.min_resolution, max(global fit resolution, settings.max_resolution)]``, for trial mean defoci
@@ -53,6 +53,7 @@ from .ctf_fit import CTFResult, _fit_score, _legendre_basis, average_power_spect
 __all__ = ["CTFLandscape", "IceEstimate", "estimate_ctf_patches", "estimate_ice_thickness", "fit_defocus_plane"]
 
 _MIN_RELATIVE_PATCH_R2 = 0.25  # patches whose best R² is below this fraction of the median are not used
+_PATCH_ENLARGE = 2.0  # patch side / grid cell side: neighbouring patches overlap (more pixels, finer rings)
 
 
 @dataclass
@@ -182,7 +183,7 @@ def estimate_ctf_patches(
     h, w = img.shape[-2:]
     ny, nx = n_patches
     ph_, pw_ = h / ny, w / nx
-    size_y, size_x = min(h, int(round(1.5 * ph_))), min(w, int(round(1.5 * pw_)))
+    size_y, size_x = min(h, int(round(_PATCH_ENLARGE * ph_))), min(w, int(round(_PATCH_ENLARGE * pw_)))
     tile = min(patch_tile_px or max(size_y, size_x), size_y, size_x)
     tile -= tile % 2
     lam = electron_wavelength_angstrom(voltage_kv)
