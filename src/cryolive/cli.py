@@ -72,6 +72,18 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
+def _run_session(title: str, out: Path, settings, run) -> None:
+    """Open the session on ``out`` with a progress display, ``run(session)``, then print the summary."""
+    from .session.session import Session
+
+    with Progress(title) as progress:
+        with Session(out, settings, progress=progress) as session:
+            st = run(session)
+            failures = [(e.name, e.error) for e in session.store.exposures("failed")]
+        progress.final(st)
+    _summary(st, out, failures)
+
+
 def _check_device(settings) -> None:
     """Fail fast, with the reason, on a device this machine does not have (e.g. --device cuda without a GPU)."""
     from .config import resolve_device
@@ -226,8 +238,6 @@ def process(
     \b
       cryolive process data_sim/movies --out out --pixel-size 1.0 --voltage 300 --cs 2.7 --dose-per-frame 1.0 --gain data_sim/gain.mrc
     """
-    from .session.session import Session
-
     _setup_logging(verbose)
     settings = _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y,
                          particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
@@ -235,12 +245,7 @@ def process(
     _check_device(settings)
     _check_gain(settings)
     _check_gain_orientation(settings, movies)
-    with Progress(f"cryolive process → {out}") as progress:
-        with Session(out, settings, progress=progress) as session:
-            st = session.process(movies)
-            failures = [(e.name, e.error) for e in session.store.exposures("failed")]
-        progress.final(st)
-    _summary(st, out, failures)
+    _run_session(f"cryolive process → {out}", out, settings, lambda session: session.process(movies))
 
 
 # ---------------------------------------------------------------------------------------------- live
@@ -272,8 +277,6 @@ def live(
     \b
       cryolive live demo_watch --out demo_out --pixel-size 1.0 --dose-per-frame 1.0 --gain demo_sim/gain.mrc --stop-after-idle 60
     """
-    from .session.session import Session
-
     _setup_logging(verbose)
     settings = _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y,
                          particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
@@ -282,13 +285,9 @@ def live(
     _check_gain(settings)
     _stop_on_sigterm()
     watch_dir.mkdir(parents=True, exist_ok=True)
-    with Progress(f"cryolive live {watch_dir} → {out}") as progress:
-        with Session(out, settings, progress=progress) as session:
-            st = session.live(watch_dir, settle_s=settle, stop_after_idle_s=stop_after_idle,
-                              max_exposures=max_exposures, poll_s=poll)
-            failures = [(e.name, e.error) for e in session.store.exposures("failed")]
-        progress.final(st)
-    _summary(st, out, failures)
+    _run_session(f"cryolive live {watch_dir} → {out}", out, settings,
+                 lambda session: session.live(watch_dir, settle_s=settle, stop_after_idle_s=stop_after_idle,
+                                              max_exposures=max_exposures, poll_s=poll))
 
 
 # ---------------------------------------------------------------------------------------------- simulate
