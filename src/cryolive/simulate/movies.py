@@ -59,6 +59,10 @@ class SimulationSettings(BaseModel):
     dose_per_frame: float = Field(1.0, gt=0, description="e/Å² per frame")
     particles_per_micrograph: int = Field(100, ge=0, description="attempted; fewer when they do not fit")
     junk_per_micrograph: int = Field(3, ge=0)
+    carbon_coverage: float = Field(
+        0.0, ge=0, lt=1, description="fraction of each micrograph on the carbon film at a hole edge (0: none)"
+    )
+    carbon_thickness_angstrom: float = Field(150.0, gt=0, description="carbon support film thickness, Å")
     defocus_range_angstrom: tuple[float, float] = (5000.0, 35000.0)
     max_astigmatism_angstrom: float = 500.0
     stage_tilt_deg: float = 0.0
@@ -125,6 +129,7 @@ class MovieTruth:
     local_shifts_yx_px: torch.Tensor  # (t, gy, gx, 2) local displacement (add the global shift)
     particles: dict = field(default_factory=dict)  # columns: coords_yx_px (n,2), euler_deg (n,3), defocus_u/v/angle, structure, diameter
     reference: torch.Tensor | None = None  # (h, w) noiseless micrograph
+    carbon_mask: torch.Tensor | None = None  # (h, w) bool, True on the carbon film (None: no carbon)
 
 
 def _default_defocus_step(settings: SimulationSettings) -> float:
@@ -152,9 +157,10 @@ def _footprint_cells(xy_px: torch.Tensor, cell: float, dilate: int) -> np.ndarra
 
 
 def _place(footprints: list[np.ndarray], shape_cells: tuple[int, int], margin_cells: int, cell: float,
-           g: torch.Generator, tries: int = 60) -> list[tuple[float, float] | None]:
-    """Random non-overlapping placement of footprints on a coarse occupancy grid → centres (y, x) in px or None."""
-    occ = np.zeros(shape_cells, dtype=bool)
+           g: torch.Generator, tries: int = 60, blocked: np.ndarray | None = None) -> list[tuple[float, float] | None]:
+    """Random non-overlapping placement of footprints on a coarse occupancy grid → centres (y, x) in px or None.
+    ``blocked``: cells ``shape_cells`` bool where nothing may be placed (the carbon film)."""
+    occ = np.zeros(shape_cells, dtype=bool) if blocked is None else blocked.copy()
     out = []
     hc, wc = shape_cells
     for fp in footprints:
@@ -262,7 +268,20 @@ class MovieSimulator:
             xyz = atoms.coords @ rots[i].T / p  # (n, 3) image coordinates, px
             rotated_xy.append(xyz[:, :2])
             footprints.append(_footprint_cells(xyz[:, :2], cell, 1))
-        centres = _place(footprints, (int(h // cell), int(w // cell)), margin_cells, cell, g)
+        shape_cells = (int(h // cell), int(w // cell))
+        self.carbon_potential, self.carbon_mask, blocked = None, None, None
+        if s.carbon_coverage > 0:  # own random stream: the rest of the micrograph is as without carbon
+            gc = torch.Generator().manual_seed(int(s.seed) * 3_000_017 + int(self.index) + 11)
+            self.carbon_pad_px = max(h, w) // 2
+            self.carbon_potential, self.carbon_mask = physics.carbon_edge_potential(
+                (h, w), p, s.carbon_coverage, s.carbon_thickness_angstrom, generator=gc, pad_px=self.carbon_pad_px)
+            # a cell is blocked when any of its pixels is on carbon: max over the cell's forward window
+            nc = int(math.ceil(cell)) + 1
+            m = F.max_pool2d(F.pad(self.carbon_mask[None, None].float(), (0, nc, 0, nc)), nc, stride=1)[0, 0]
+            iy = (torch.arange(shape_cells[0]) * cell).long()
+            ix = (torch.arange(shape_cells[1]) * cell).long()
+            blocked = m[iy][:, ix].bool().numpy()
+        centres = _place(footprints, shape_cells, margin_cells, cell, g, blocked=blocked)
         self.objects = []  # (atoms, name, diameter, rotation, centre_yx, xy_rot)
         for j, i in enumerate(order):
             if centres[j] is None:
@@ -370,6 +389,18 @@ class MovieSimulator:
             ice_ctf_ft = ice_ft * ctf_c
             ice_parts.append(ice)
             ice_ctfs.append(ctf_c)
+        # the carbon film at a hole edge (not deformed locally): CTF at the centre's defocus on a grid extended
+        # beyond the image (its step must not wrap around the periodic boundary), cropped, added to the ice
+        self.carbon_ctf_ft = None
+        if self.carbon_potential is not None:
+            pad = self.carbon_pad_px
+            big = self.carbon_potential.shape
+            u = dfc + astig / 2
+            ctf_big = calculate_ctf_2d(u, u - astig, da, s.voltage_kv, s.cs_mm, s.amplitude_contrast, p, big,
+                                       bfactor_angstrom2=s.envelope_bfactor_angstrom2)
+            carbon = torch.fft.irfft2(torch.fft.rfft2(self.carbon_potential) * ctf_big, s=big)[pad : pad + h, pad : pad + w]
+            self.carbon_ctf_ft = torch.fft.rfft2(carbon)
+            ice_ctf_ft = ice_ctf_ft + self.carbon_ctf_ft
         self._slabs = (spec_parts, spec_ctfs, ice_parts, ice_ctfs)
         self.scale = physics.contrast_scale(s.voltage_kv, s.amplitude_contrast, thick, s.energy_filter)
         self.n0 = physics.mean_counts_per_pixel(s.dose_per_frame, p, thick, s.voltage_kv, s.energy_filter)
@@ -419,6 +450,8 @@ class MovieSimulator:
                 warped = F.grid_sample(parts, grid, mode="bicubic", padding_mode="border", align_corners=True)[0]
                 fts = torch.fft.rfft2(warped) * ctfs  # (C, h, w//2+1)
                 ft = fts[:n_spec].sum(0) * damage + fts[n_spec:].sum(0)
+                if self.carbon_ctf_ft is not None:
+                    ft = ft + self.carbon_ctf_ft
                 del warped, fts
             else:
                 ft = self.spec_ft * damage + self.ice_ctf_ft
@@ -474,6 +507,7 @@ class MovieSimulator:
             local_shifts_yx_px=self.local.clone(),
             particles=particles,
             reference=ref,
+            carbon_mask=None if self.carbon_mask is None else self.carbon_mask.clone(),
         )
 
 

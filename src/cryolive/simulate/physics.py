@@ -114,6 +114,77 @@ def mean_counts_per_pixel(dose_e_per_a2: float, pixel_size_angstrom: float, ice_
     return n
 
 
+#: Number density of carbon atoms in an amorphous carbon support film (1.9 g/cm³), Å⁻³.
+CARBON_NUMBER_DENSITY = 1.9 / 12.011 * 0.60221
+
+
+def carbon_structure_factor(q_inv_angstrom: torch.Tensor) -> torch.Tensor:
+    """A smooth model of the structure factor of amorphous carbon: 0.3 at q → 0 (film roughness keeps some
+    low-frequency power), → 1 beyond ~1/4 Å⁻¹."""
+    return 0.3 + 0.7 * (1 - torch.exp(-((q_inv_angstrom / 0.25) ** 2)))
+
+
+def carbon_edge_potential(
+    shape: tuple[int, int],
+    pixel_size_angstrom: float,
+    coverage: float,
+    thickness_angstrom: float = 150.0,
+    hole_diameter_angstrom: float = 12000.0,
+    generator: torch.Generator | None = None,
+    pad_px: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The edge of a hole in a holey carbon support film: projected potential ``(h + 2 pad_px, w + 2 pad_px)``
+    (V·Å) on the image extended by ``pad_px`` on each side (so that the CTF can act without the step wrapping
+    around the periodic boundary), and mask ``(h, w)`` bool of the image itself (True on carbon).
+
+    The hole is a circle of ``hole_diameter_angstrom`` (Quantifoil R1.2/1.3: 12,000 Å) whose edge crosses the
+    image in a random direction so that ``coverage`` of the area (0–1) lies on the carbon. The film is
+    ``thickness_angstrom`` of amorphous carbon: mean inner potential ``ρ_C · 47.88 f_C(0)`` ≈ 11 V (its
+    projection a step of ~1,700 V·Å at the edge, softened over ~10 Å) plus random-atom fluctuations of power
+    ``ρ_C t |47.88 f_C(q)|² S_C(q)`` — the film's strong Thon rings and texture. The movie simulator applies
+    the CTF to it on the extended grid and adds the cropped result to the ice's contrast; particles are placed
+    in the hole only.
+    """
+    from ..fourier import frequency_radius_2d
+    from .structure import POTENTIAL_PER_SCATTERING_FACTOR, electron_scattering_factor
+
+    h, w = shape
+    p = pixel_size_angstrom
+    if coverage <= 0:
+        return torch.zeros(h + 2 * pad_px, w + 2 * pad_px), torch.zeros(h, w, dtype=torch.bool)
+    theta = 2 * math.pi * float(torch.rand(1, generator=generator))
+    u = (math.sin(theta), math.cos(theta))  # (y, x): from the hole centre towards the carbon
+    radius = 0.5 * hole_diameter_angstrom
+    yy = (torch.arange(-pad_px, h + pad_px, dtype=torch.float64)[:, None] - (h - 1) / 2) * p
+    xx = (torch.arange(-pad_px, w + pad_px, dtype=torch.float64)[None, :] - (w - 1) / 2) * p
+    inner = (slice(pad_px, pad_px + h), slice(pad_px, pad_px + w))
+
+    def signed_distance(offset):  # Å outside the hole edge; hole centre at -(radius - offset)·u from the image centre
+        cy, cx = -(radius - offset) * u[0], -(radius - offset) * u[1]
+        return torch.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) - radius
+
+    lo, hi = -0.75 * p * max(h, w), 0.75 * p * max(h, w)  # offset of the edge from the image centre along u
+    for _ in range(40):  # bisection on the covered fraction (decreasing in the offset)
+        mid = 0.5 * (lo + hi)
+        if float((signed_distance(mid)[inner] > 0).double().mean()) > coverage:
+            lo = mid
+        else:
+            hi = mid
+    dist = signed_distance(0.5 * (lo + hi)).to(torch.float32)
+    mask = dist[inner] > 0
+    profile = torch.sigmoid(dist / 5.0)  # film edge softened over ~10 Å
+    big = (h + 2 * pad_px, w + 2 * pad_px)
+    q = frequency_radius_2d(big, p)
+    f0 = POTENTIAL_PER_SCATTERING_FACTOR * electron_scattering_factor("C", torch.zeros(1))
+    mean_potential = float(CARBON_NUMBER_DENSITY * f0[0])  # V
+    n_area = CARBON_NUMBER_DENSITY * thickness_angstrom
+    amp = torch.sqrt(n_area * (POTENTIAL_PER_SCATTERING_FACTOR * electron_scattering_factor("C", q)) ** 2
+                     * carbon_structure_factor(q)) / p
+    amp[0, 0] = 0.0
+    fluct = torch.fft.irfft2(torch.fft.rfft2(torch.randn(big, generator=generator)) * amp, s=big)
+    return (mean_potential * thickness_angstrom + fluct) * profile, mask
+
+
 __all__ = [
     "interaction_constant",
     "inelastic_mean_free_path_angstrom",
@@ -123,4 +194,6 @@ __all__ = [
     "water_structure_factor",
     "contrast_scale",
     "mean_counts_per_pixel",
+    "carbon_edge_potential",
+    "carbon_structure_factor",
 ]
