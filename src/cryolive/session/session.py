@@ -14,8 +14,9 @@ cryolive's own columns: exposures.star ``cryoliveIceThicknessAngstrom`` (a *rela
 thickness despite the name, for ranking exposures: :func:`cryolive.preprocess.ctf_landscape.estimate_ice_thickness`;
 NaN when not measurable), ``cryoliveStageTiltDeg`` and ``cryoliveTiltAxisDeg`` (from the defocus landscape; NaN
 for micrographs smaller than two CTF tiles),
-``cryoliveParticleCount``, ``cryoliveAccepted`` (1/0), ``cryoliveRejectionReason`` ("none" or the reason with
-underscores for spaces); particles.star ``cryolivePickScore``; classes.star ``cryoliveParticleCount``,
+``cryoliveParticleCount``, ``cryoliveMeanPickScore``, ``cryoliveMedianPickScore``, ``cryoliveAccepted`` (1/0),
+``cryoliveDecision`` (accepted / rejected / pending), ``cryoliveRejectionReason`` ("none" or the reasons, comma-joined
+tokens without spaces) and ``cryoliveManualOverride`` (accept / reject / none) — see :mod:`.curation`; particles.star ``cryolivePickScore``; classes.star ``cryoliveParticleCount``,
 ``cryoliveSelected`` (1/0, :func:`select_classes`).
 
 Starting a session again on the same OUT resumes: exposures done are not processed again, exposures
@@ -35,7 +36,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import glob
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -91,19 +91,6 @@ def expand_movie_args(items: Iterable[str | os.PathLike], patterns: str) -> list
     return unique
 
 
-def acceptance(ctf_metrics: dict | None, settings: Settings) -> tuple[bool, str]:
-    """The minimal acceptance rule: the CTF fit must reach ``settings.acceptance.max_ctf_resolution_angstrom``."""
-    if not ctf_metrics:
-        return False, "no CTF estimate"
-    res = float(ctf_metrics.get("max_resolution_angstrom", float("nan")))
-    limit = settings.acceptance.max_ctf_resolution_angstrom
-    if not math.isfinite(res):
-        return False, "CTF fit failed"
-    if res > limit:
-        return False, f"CTF fit resolution {res:.1f} A worse than {limit:.1f} A"
-    return True, "accepted"
-
-
 class Session:
     """One session folder ``out_dir`` processed with ``settings``.
 
@@ -111,11 +98,14 @@ class Session:
     :class:`~cryolive.session.pipeline.StageFunctions`). ``executor``: where exposures run (default:
     ``make_executor(settings.n_workers)``). ``progress(status)`` is called after each step.
     ``output_interval_s``: least time between two rewrites of the aggregate STAR files while running.
+    ``thresholds``: exposure curation thresholds (:class:`cryolive.preprocess.curation.Thresholds`) to start with;
+    None keeps those saved in the store (changed by ``cryolive curate`` or the dashboard), or else the default
+    from ``settings.acceptance``. Thresholds changed while the session runs are picked up at the next output.
     """
 
     def __init__(self, out_dir: str | os.PathLike, settings: Settings, stages: StageFunctions | None = None,
                  executor=None, progress: Callable[[SessionStatus], None] | None = None,
-                 output_interval_s: float = 5.0, max_attempts: int = 3):
+                 output_interval_s: float = 5.0, max_attempts: int = 3, thresholds=None):
         from ..config import resolve_device
         from ..io.provenance import write_provenance
 
@@ -148,6 +138,12 @@ class Session:
         self._t0 = time.time()
         self._done_this_run = 0
         self.last_error: str | None = None
+        if thresholds is not None:
+            from .curation import current_thresholds
+
+            if current_thresholds(self.store, settings)[1] != thresholds or self.store.current_thresholds() is None:
+                self.store.save_thresholds(thresholds.model_dump(), source="start")
+        self._curation_version = self.store.curation_version()
         self.class2d = Class2DStage(self.out, settings, self.store, self.device)
         write_provenance(self.out, current)
 
@@ -387,13 +383,19 @@ class Session:
 
     # ------------------------------------------------------------------ outputs
     def _maybe_write_outputs(self) -> None:
+        if self.store.curation_version() != self._curation_version:  # thresholds/overrides changed elsewhere
+            self._dirty = True
         if self._dirty and time.monotonic() - self._last_output >= self.output_interval_s:
             self.write_outputs()
 
     def write_outputs(self) -> None:
-        """Rewrite exposures.star and particles.star atomically from the store."""
-        write_exposures_star(self.out, self.store, self.settings)
-        write_particles_star(self.out, self.store, self.settings, self._particles_cache)
+        """Re-decide every exposure (curation), then rewrite exposures.star and particles.star atomically."""
+        from .curation import curate
+
+        self._curation_version = self.store.curation_version()
+        summary = curate(self.store, self.settings)
+        write_exposures_star(self.out, self.store, self.settings, summary=summary)
+        write_particles_star(self.out, self.store, self.settings, self._particles_cache, summary=summary)
         self._last_output = time.monotonic()
         self._dirty = False
 
@@ -416,68 +418,45 @@ def optics_table(settings: Settings, image_pixel_size: float | None = None, imag
 
 
 def exposure_rows(store: SessionStore, settings: Settings) -> list[dict]:
-    """One dict per exposure done: its CONTRACT columns and cryolive's own."""
-    rows = []
-    for exp in store.exposures("done"):
-        motion = store.stage_result(exp.id, "motion") or {"metrics": {}, "outputs": {}}
-        ctf = store.stage_result(exp.id, "ctf") or {"metrics": {}}
-        mm, cm = motion["metrics"], ctf["metrics"]
-        ok, reason = acceptance(cm, settings)
-        nan = float("nan")
-        rows.append({
-            "rlnMicrographMovieName": exp.path,
-            "rlnMicrographName": motion["outputs"].get("micrograph", f"micrographs/{movie_stem(exp.path)}.mrc"),
-            "rlnOpticsGroup": 1,
-            "rlnAccumMotionTotal": mm.get("accum_motion_total", nan),
-            "rlnAccumMotionEarly": mm.get("accum_motion_early", nan),
-            "rlnAccumMotionLate": mm.get("accum_motion_late", nan),
-            "rlnDefocusU": cm.get("defocus_u", nan), "rlnDefocusV": cm.get("defocus_v", nan),
-            "rlnDefocusAngle": cm.get("defocus_angle_deg", nan),
-            "rlnCtfAstigmatism": cm.get("astigmatism", nan),
-            "rlnCtfMaxResolution": cm.get("max_resolution_angstrom", nan),
-            "rlnCtfFigureOfMerit": cm.get("figure_of_merit", nan),
-            "cryoliveIceThicknessAngstrom": _nan_if_none(cm.get("ice_thickness_angstrom")),
-            "cryoliveStageTiltDeg": _nan_if_none(cm.get("stage_tilt_deg")),
-            "cryoliveTiltAxisDeg": _nan_if_none(cm.get("tilt_axis_deg")),
-            "cryoliveParticleCount": int(exp.n_particles or 0),
-            "cryoliveAccepted": int(ok),
-            "cryoliveRejectionReason": "none" if ok else reason.replace(" ", "_"),
-            "_exposure_id": exp.id,
-        })
-    return rows
+    """One dict per exposure done: its exposures.star columns (decision included) and ``_exposure_id``."""
+    from .curation import curate, exposures_star_frame
+
+    summary = curate(store, settings)
+    return exposures_star_frame(summary.table, summary.decision).to_dict("records")
 
 
 def _nan_if_none(x) -> float:
     return float("nan") if x is None else float(x)
 
 
-def write_exposures_star(out: Path, store: SessionStore, settings: Settings) -> Path:
-    """``OUT/exposures.star``: data_optics + data_micrographs of the exposures done."""
-    import pandas as pd
-
+def write_exposures_star(out: Path, store: SessionStore, settings: Settings, summary=None) -> Path:
+    """``OUT/exposures.star``: data_optics + data_micrographs of the exposures done, with the curation decision
+    (see :mod:`cryolive.session.curation`). ``summary``: a :class:`~.curation.CurationSummary` already made
+    (default: decide now, with the store's thresholds, and record the decisions)."""
     from ..io.star import write_star
+    from .curation import EXPOSURES_STAR_COLUMNS, curate, exposures_star_frame
 
-    rows = exposure_rows(store, settings)
-    cols = ["rlnMicrographMovieName", "rlnMicrographName", "rlnOpticsGroup", "rlnAccumMotionTotal",
-            "rlnAccumMotionEarly", "rlnAccumMotionLate", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle",
-            "rlnCtfAstigmatism", "rlnCtfMaxResolution", "rlnCtfFigureOfMerit", "cryoliveIceThicknessAngstrom",
-            "cryoliveStageTiltDeg", "cryoliveTiltAxisDeg", "cryoliveParticleCount", "cryoliveAccepted", "cryoliveRejectionReason"]
-    df = pd.DataFrame(rows, columns=cols + ["_exposure_id"])[cols]
+    summary = curate(store, settings) if summary is None else summary
+    df = exposures_star_frame(summary.table, summary.decision)[EXPOSURES_STAR_COLUMNS]
     return write_star(out / "exposures.star", {"optics": optics_table(settings), "micrographs": df})
 
 
-def accepted_particles(out: Path, store: SessionStore, settings: Settings, cache: dict | None = None):
-    """Particle rows of the accepted exposures → (DataFrame with ``_exposure_id``/``_index``, extraction metrics)."""
+def accepted_particles(out: Path, store: SessionStore, settings: Settings, cache: dict | None = None, summary=None):
+    """Particle rows of the accepted exposures → (DataFrame with ``_exposure_id``/``_index``, extraction metrics).
+
+    ``summary``: a :class:`~.curation.CurationSummary` already made (default: decide now and record)."""
     import pandas as pd
 
     from ..io.star import read_star
+    from .curation import curate
 
     cache = {} if cache is None else cache
+    summary = curate(store, settings) if summary is None else summary
+    table = summary.table.frame
+    keep = summary.decision.accepted & (table["status"] == "done").to_numpy()
+    keep &= np.nan_to_num(table["particle_count"].to_numpy()) > 0
     frames, ext_metrics = [], None
-    for row in exposure_rows(store, settings):
-        if not row["cryoliveAccepted"] or not row["cryoliveParticleCount"]:
-            continue
-        eid = row["_exposure_id"]
+    for eid in table["exposure_id"].to_numpy()[keep].tolist():
         ext = store.stage_result(eid, "extraction")
         if ext is None:
             continue
@@ -493,13 +472,25 @@ def accepted_particles(out: Path, store: SessionStore, settings: Settings, cache
     return pd.concat(frames, ignore_index=True), ext_metrics
 
 
-def write_particles_star(out: Path, store: SessionStore, settings: Settings, cache: dict | None = None) -> Path | None:
-    """``OUT/particles.star``: data_optics + data_particles of the accepted exposures (with 2D classes)."""
+def write_particles_star(out: Path, store: SessionStore, settings: Settings, cache: dict | None = None,
+                         summary=None) -> Path | None:
+    """``OUT/particles.star``: data_optics + data_particles of the accepted exposures (with 2D classes).
+
+    When no exposure is accepted (any more), an existing particles.star is rewritten with no particle rows."""
     from ..io.star import write_star
 
-    df, ext = accepted_particles(out, store, settings, cache)
+    df, ext = accepted_particles(out, store, settings, cache, summary)
     if ext is None:
-        return None
+        if not (out / "particles.star").exists():
+            return None
+        import pandas as pd
+
+        ext = next((r["metrics"] for r in store.stage_results("extraction")), None)
+        if ext is None:
+            return None
+        df = pd.DataFrame(columns=["rlnImageName", "rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY",
+                                   "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnOpticsGroup",
+                                   "_exposure_id", "_index"])
     df = df.copy()
     classes = []
     for eid, sub in df.groupby("_exposure_id", sort=False):

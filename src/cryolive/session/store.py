@@ -7,6 +7,12 @@ Tables:
     Recording the same key again is a no-op, so repeating work with the same settings changes nothing.
   * ``particle_classes``: the 2D class of each particle (exposure, 0-based index in its stack).
   * ``kv``: session state (settings, path of the 2D classifier state, ...), values as JSON.
+  * ``curation_thresholds``: every thresholds setting ever made (JSON of
+    :class:`cryolive.preprocess.curation.Thresholds`, its source: "start", "curate", "dashboard"...); the last
+    row is the current one. ``curation_overrides``: manual decisions per exposure (+1 accept, -1 reject).
+    ``curation_decisions``: the last decision per exposure (status 1 accepted, 0 rejected, 2 pending; reasons
+    joined by ","; the thresholds row it used). See :mod:`cryolive.session.curation`.
+    These tables are created on opening an older store (``CREATE TABLE IF NOT EXISTS``): nothing to migrate.
 
 Only the session process writes; workers return results to it. One connection guarded by a lock, so the
 orchestrator's threads may share a :class:`SessionStore`.
@@ -64,6 +70,25 @@ CREATE TABLE IF NOT EXISTS particle_classes (
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS curation_thresholds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    thresholds TEXT NOT NULL,
+    source TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS curation_overrides (
+    exposure_id INTEGER PRIMARY KEY REFERENCES exposures(id),
+    decision INTEGER NOT NULL,
+    note TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS curation_decisions (
+    exposure_id INTEGER PRIMARY KEY REFERENCES exposures(id),
+    status INTEGER NOT NULL,
+    reasons TEXT NOT NULL,
+    thresholds_id INTEGER,
+    decided REAL NOT NULL
 );
 """
 
@@ -257,6 +282,76 @@ class SessionStore:
             rows = self._db.execute("SELECT particle_index, class_number FROM particle_classes WHERE exposure_id=?",
                                     (exposure_id,)).fetchall()
         return {int(i): int(c) for i, c in rows}
+
+    # ------------------------------------------------------------------ curation
+    def save_thresholds(self, thresholds: dict, source: str = "") -> int:
+        """Make ``thresholds`` (a JSON-able dict) the current thresholds; return the id of the new row."""
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO curation_thresholds (thresholds, source, created) VALUES (?, ?, ?)",
+                             (json.dumps(thresholds, sort_keys=True), source, time.time()))
+            return int(cur.lastrowid)
+
+    def current_thresholds(self) -> tuple[int, dict] | None:
+        """``(id, thresholds dict)`` of the current thresholds, or None if none were ever saved."""
+        with self._lock:
+            row = self._db.execute("SELECT id, thresholds FROM curation_thresholds ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else (int(row[0]), json.loads(row[1]))
+
+    def thresholds_history(self) -> list[dict]:
+        """Every thresholds setting, oldest first: ``{"id", "thresholds", "source", "created"}``."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM curation_thresholds ORDER BY id").fetchall()
+        return [{"id": r["id"], "thresholds": json.loads(r["thresholds"]), "source": r["source"],
+                 "created": r["created"]} for r in rows]
+
+    def set_override(self, exposure_id: int, decision: int | None, note: str | None = None) -> None:
+        """Manual decision on one exposure: +1 accept, -1 reject, None/0 removes the override."""
+        with self._tx() as db:
+            if not decision:
+                db.execute("DELETE FROM curation_overrides WHERE exposure_id=?", (int(exposure_id),))
+            else:
+                if decision not in (1, -1):
+                    raise ValueError(f"override must be +1 (accept), -1 (reject) or None, got {decision!r}")
+                db.execute("INSERT OR REPLACE INTO curation_overrides VALUES (?, ?, ?, ?)",
+                           (int(exposure_id), int(decision), note, time.time()))
+
+    def overrides(self) -> dict[int, int]:
+        """Manual decisions: exposure id → +1 (accept) or -1 (reject)."""
+        with self._lock:
+            return {int(e): int(d) for e, d in self._db.execute("SELECT exposure_id, decision FROM curation_overrides")}
+
+    def curation_version(self) -> tuple:
+        """Changes whenever thresholds or overrides change (a running session polls it to re-decide)."""
+        with self._lock:
+            t = self._db.execute("SELECT MAX(id) FROM curation_thresholds").fetchone()[0]
+            o = self._db.execute("SELECT COUNT(*), MAX(created), TOTAL(decision * exposure_id) "
+                                 "FROM curation_overrides").fetchone()
+        return (t, *o)
+
+    def save_decisions(self, exposure_ids, status, reasons, thresholds_id: int | None) -> None:
+        """Record the decision on many exposures at once (arrays aligned; replaces earlier decisions)."""
+        now = time.time()
+        rows = zip(map(int, exposure_ids), map(int, status), map(str, reasons))
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO curation_decisions VALUES (?, ?, ?, ?, ?)",
+                           ((e, s, r, thresholds_id, now) for e, s, r in rows))
+
+    def decisions(self) -> dict[int, tuple[int, str]]:
+        """The last recorded decision per exposure: id → (status 1/0/2, reasons joined by ",")."""
+        with self._lock:
+            return {int(e): (int(s), r) for e, s, r in
+                    self._db.execute("SELECT exposure_id, status, reasons FROM curation_decisions")}
+
+    def latest_stage_metrics(self, stages) -> dict[tuple[int, str], dict]:
+        """``{(exposure id, stage): {"metrics": ..., "outputs": ...}}`` of the latest result of each stage, every
+        exposure at once (one query; for curation and the aggregate STAR files)."""
+        stages = list(stages)
+        q = ("SELECT exposure_id, stage, metrics, outputs FROM stage_results WHERE stage IN (%s) "
+             "ORDER BY exposure_id, created" % ",".join("?" * len(stages)))
+        with self._lock:
+            rows = self._db.execute(q, stages).fetchall()
+        loads = json.loads
+        return {(r[0], r[1]): {"metrics": loads(r[2]), "outputs": loads(r[3])} for r in rows}
 
     # ------------------------------------------------------------------ key-value state
     def set_value(self, key: str, value) -> None:
