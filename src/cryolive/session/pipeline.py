@@ -324,7 +324,9 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
         picks = fns.pick_blobs(micrograph, px, settings.picking, ctf=ctf_params)
         coords = _np(picks.coords_yx_px).reshape(-1, 2).astype(np.float64)  # (n, 2) (y, x)
         scores = _np(picks.scores).reshape(-1).astype(np.float64)
-        metrics = {"seconds": time.perf_counter() - t0, "n_picks": int(len(coords))}
+        metrics = {"seconds": time.perf_counter() - t0, "n_picks": int(len(coords)),  # scores: for curation
+                   "mean_pick_score": float(scores.mean()) if len(scores) else float("nan"),
+                   "median_pick_score": float(np.median(scores)) if len(scores) else float("nan")}
         results.append(StageOutcome("picking", hashes["picking"], metrics, {}))
 
     # ---------------------------------------------------------------- extraction
