@@ -6,6 +6,7 @@ Commands:
   process   process the movies that are there, to the end of the pipeline, and exit
   live      watch a folder and process movies as the microscope writes them (resumes on restart)
   simulate  write a simulated dataset with its ground truth (and optionally replay it into a folder)
+  curate    show or change the exposure curation thresholds of a session (running or not)
 
 Examples:
 
@@ -46,6 +47,10 @@ MIN_2D = typer.Option(500, "--min-particles-2d", help="particles needed before 2
 PATTERN = typer.Option("*.tif,*.tiff,*.mrc,*.mrcs,*.eer", "--pattern", help="movie file patterns, comma-separated")
 NO_DW = typer.Option(False, "--write-no-dw", help="also write the non-dose-weighted sums (<movie>_noDW.mrc)")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="log every exposure")
+THRESHOLDS_FILE = typer.Option(None, "--thresholds",
+                               help="exposure curation thresholds, JSON {\"max_ctf_resolution_angstrom\": 6, ...}")
+THRESHOLD = typer.Option(None, "--threshold",
+                         help="one curation threshold key=value (repeatable), e.g. max_motion_total_angstrom=40")
 
 
 def _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y, particle_diameter,
@@ -65,6 +70,23 @@ def _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain,
     )
 
 
+def _thresholds(settings, path: Optional[Path], assignments: Optional[list[str]]):
+    """Curation thresholds given on the command line (a JSON file, then key=value items on top), or None."""
+    if path is None and not assignments:
+        return None
+    import json
+
+    from .preprocess.curation import Thresholds
+    from .session.curation import default_thresholds
+
+    try:
+        base = Thresholds(**json.loads(Path(path).read_text())) if path is not None else default_thresholds(settings)
+        return base.updated(**Thresholds.parse_assignments(assignments or []))
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        typer.echo(f"error: thresholds: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -72,12 +94,12 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
-def _run_session(title: str, out: Path, settings, run) -> None:
+def _run_session(title: str, out: Path, settings, run, thresholds=None) -> None:
     """Open the session on ``out`` with a progress display, ``run(session)``, then print the summary."""
     from .session.session import Session
 
     with Progress(title) as progress:
-        with Session(out, settings, progress=progress) as session:
+        with Session(out, settings, progress=progress, thresholds=thresholds) as session:
             st = run(session)
             failures = [(e.name, e.error) for e in session.store.exposures("failed")]
         progress.final(st)
@@ -227,6 +249,7 @@ def process(
     gain: Optional[Path] = GAIN, gain_flip_y: bool = GAIN_FLIP, particle_diameter: float = DIAMETER,
     symmetry: str = SYMMETRY, device: str = DEVICE, workers: int = WORKERS, n_classes: int = N_CLASSES,
     min_particles_2d: int = MIN_2D, pattern: str = PATTERN, write_no_dw: bool = NO_DW, verbose: bool = VERBOSE,
+    thresholds: Optional[Path] = THRESHOLDS_FILE, threshold: Optional[list[str]] = THRESHOLD,
 ):
     """Process the movies that are there, to the end of the pipeline, and exit.
 
@@ -245,7 +268,8 @@ def process(
     _check_device(settings)
     _check_gain(settings)
     _check_gain_orientation(settings, movies)
-    _run_session(f"cryolive process → {out}", out, settings, lambda session: session.process(movies))
+    _run_session(f"cryolive process → {out}", out, settings, lambda session: session.process(movies),
+                 thresholds=_thresholds(settings, thresholds, threshold))
 
 
 # ---------------------------------------------------------------------------------------------- live
@@ -265,6 +289,7 @@ def live(
                                                 help="stop once this many exposures are processed"),
     poll: float = typer.Option(1.0, "--poll", help="seconds between two looks at the folder"),
     verbose: bool = VERBOSE,
+    thresholds: Optional[Path] = THRESHOLDS_FILE, threshold: Optional[list[str]] = THRESHOLD,
 ):
     """Watch a folder and process movies as they are written, until Ctrl-C or an idle timeout.
 
@@ -283,11 +308,76 @@ def live(
                          write_no_dw)
     _check_device(settings)
     _check_gain(settings)
+    curation_thresholds = _thresholds(settings, thresholds, threshold)
     _stop_on_sigterm()
     watch_dir.mkdir(parents=True, exist_ok=True)
     _run_session(f"cryolive live {watch_dir} → {out}", out, settings,
                  lambda session: session.live(watch_dir, settle_s=settle, stop_after_idle_s=stop_after_idle,
-                                              max_exposures=max_exposures, poll_s=poll))
+                                              max_exposures=max_exposures, poll_s=poll),
+                 thresholds=curation_thresholds)
+
+
+# ---------------------------------------------------------------------------------------------- curate
+@app.command()
+def curate(
+    out: Path = typer.Argument(..., help="session folder (of a running or a finished session)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="change a threshold: key=value (repeatable; "
+                                             "value none removes it), e.g. max_ctf_resolution_angstrom=6"),
+    thresholds: Optional[Path] = typer.Option(None, "--thresholds", help="replace all thresholds by this JSON file"),
+    accept: Optional[list[str]] = typer.Option(None, "--accept", help="accept this exposure (movie name) whatever "
+                                               "the thresholds (repeatable)"),
+    reject: Optional[list[str]] = typer.Option(None, "--reject", help="reject this exposure (repeatable)"),
+    clear: Optional[list[str]] = typer.Option(None, "--clear-override", help="remove the manual decision on an "
+                                              "exposure (repeatable)"),
+):
+    """Show or change the exposure curation of a session: thresholds, manual accept/reject, and the counts.
+
+    Every exposure is re-decided at once from the metrics already computed (nothing is recomputed or deleted);
+    exposures.star and particles.star are rewritten, and a running session picks the change up. Without options:
+    print the current thresholds and counts. Threshold names: see docs/CONVENTIONS.md (min_/max_ + metric).
+
+    Examples:
+
+    \b
+      cryolive curate out --set max_ctf_resolution_angstrom=6 --set max_motion_total_angstrom=40
+      cryolive curate out --set min_particle_count=20 --reject mic_0007
+      cryolive curate out --thresholds thresholds.json
+    """
+    import json
+
+    from .preprocess.curation import Thresholds
+    from .session import curation as cur
+
+    try:
+        store = cur.open_session_store(out)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        overrides = {**{n: 1 for n in accept or []}, **{n: -1 for n in reject or []}, **{n: None for n in clear or []}}
+        try:
+            changes = Thresholds.parse_assignments(set_ or [])
+            if thresholds is not None:
+                new = Thresholds(**json.loads(thresholds.read_text())).updated(**changes)
+                summary = cur.set_thresholds(out, new, store=store)
+            elif changes:
+                summary = cur.set_thresholds(out, changes, store=store)
+            else:
+                summary = None
+            if overrides:
+                summary = cur.set_override(out, overrides, store=store)
+            if summary is None:
+                summary = cur.recurate(out, store, cur.stored_settings(store), write_files=False)
+        except (OSError, ValueError, KeyError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        bounds = ", ".join(f"{side}_{name}={v:g}" for name, side, v in summary.thresholds.bounds()) or "none"
+        typer.echo(f"thresholds: {bounds}")
+        c = summary.counts
+        typer.echo(f"{c['accepted']} accepted, {c['rejected']} rejected, {c['pending']} pending "
+                   f"({summary.seconds * 1000:.0f} ms)")
+    finally:
+        store.close()
 
 
 # ---------------------------------------------------------------------------------------------- simulate

@@ -168,7 +168,7 @@ def current_thresholds(store: SessionStore, settings: Settings | None = None) ->
     if rec is not None:
         return rec[0], Thresholds(**rec[1])
     if settings is None:
-        settings = _stored_settings(store)
+        settings = stored_settings(store)
     return None, default_thresholds(settings)
 
 
@@ -231,7 +231,7 @@ def exposures_star_frame(table: ExposureTable, decision: Decision) -> pd.DataFra
     return out[done].reset_index(drop=True)
 
 
-def _stored_settings(store: SessionStore) -> Settings:
+def stored_settings(store: SessionStore) -> Settings:
     stored = store.get_value("settings")
     if stored is None:
         raise ValueError(f"{store.path} holds no session settings: is it a cryolive session store?")
@@ -260,7 +260,7 @@ def set_thresholds(out: str | os.PathLike, thresholds: Thresholds | dict, replac
     own = store is None
     store = open_session_store(out) if own else store
     try:
-        settings = _stored_settings(store)
+        settings = stored_settings(store)
         if isinstance(thresholds, Thresholds):
             new = thresholds
         elif replace:
@@ -291,7 +291,7 @@ def set_override(out: str | os.PathLike, exposures: dict[str | int, int | None],
             if eid is None:
                 raise KeyError(f"no exposure {key!r} in {out}")
             store.set_override(eid, value, note=source)
-        return recurate(out, store, _stored_settings(store), write_files=write_files)
+        return recurate(out, store, stored_settings(store), write_files=write_files)
     finally:
         if own:
             store.close()
