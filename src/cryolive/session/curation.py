@@ -121,39 +121,72 @@ def _nan(x) -> float:
         return np.nan
 
 
+# the cached fields, in the order of the cache's blob: (stage, key) of the stage metrics
+_CACHE_FIELDS = [*STORE_KEYS.values(), ("ctf", "defocus_u"), ("ctf", "defocus_v"), *_STAR_EXTRA.values()]
+_CACHE_FIELDS = list(dict.fromkeys(_CACHE_FIELDS))
+_CACHE_LAYOUT = "v1:" + ",".join(f"{st}.{k}" for st, k in _CACHE_FIELDS)
+_FIELD_INDEX = {f: i for i, f in enumerate(_CACHE_FIELDS)}
+
+
+def _cache_rows(store: SessionStore, stamps: dict[int, int], exposure_ids: list[int]) -> list[tuple]:
+    """Cache rows (values and "present" flags of every field, as float64 bytes) for these exposures."""
+    results = store.latest_stage_metrics(STAGES, exposure_ids)
+    f = len(_CACHE_FIELDS)
+    empty = {"metrics": {}, "outputs": {}}
+    rows = []
+    for eid in exposure_ids:
+        vec = np.full(2 * f, np.nan)
+        vec[f:] = 0.0
+        for j, (stage, key) in enumerate(_CACHE_FIELDS):
+            m = results.get((eid, stage), empty)["metrics"]
+            if key in m:
+                vec[j], vec[f + j] = _nan(m[key]), 1.0
+        mic = results.get((eid, "motion"), empty)["outputs"].get("micrograph")
+        rows.append((int(eid), int(stamps[eid]), _CACHE_LAYOUT, vec.tobytes(), mic))
+    return rows
+
+
 def exposure_table(store: SessionStore) -> ExposureTable:
-    """Load every non-failed exposure's metrics (one query for the stage results)."""
-    with store._lock:
-        ex = store._db.execute("SELECT id, path, name, status, n_particles FROM exposures "
-                               "WHERE status != 'failed' ORDER BY id").fetchall()
-    results = store.latest_stage_metrics(STAGES)
+    """Every non-failed exposure's metrics, as columns.
+
+    The stage metrics come from the store's ``curation_metrics`` cache; exposures whose stage results changed
+    since they were cached (or never were) are parsed from ``stage_results`` and cached first, so a threshold
+    change reads one blob per exposure and parses no JSON.
+    """
+    ex = store.exposure_summaries()
     n = len(ex)
     ids = np.fromiter((r[0] for r in ex), dtype=np.int64, count=n)
     status = [r[3] for r in ex]
-    done = np.array([s == "done" for s in status], dtype=bool)
-    empty = {"metrics": {}, "outputs": {}}
-    per_stage = {st: [results.get((int(i), st), empty) for i in ids] for st in STAGES}
-    has_stage = {st: np.array([(int(i), st) in results for i in ids], dtype=bool) for st in STAGES}
+    done = np.fromiter((s == "done" for s in status), dtype=bool, count=n)
+    stamps = store.stage_stamps()
+    cache = store.metrics_cache()
+    stale = [int(i) for i in ids.tolist() if i in stamps and (
+        i not in cache or cache[i][0] != stamps[i] or cache[i][1] != _CACHE_LAYOUT)]
+    if stale:
+        new_rows = _cache_rows(store, stamps, stale)
+        store.save_metrics_cache(new_rows)
+        cache.update({r[0]: r[1:] for r in new_rows})
+    f = len(_CACHE_FIELDS)
+    blank = np.concatenate([np.full(f, np.nan), np.zeros(f)]).tobytes()
+    blobs = [cache[i][2] if i in stamps else blank for i in ids.tolist()]
+    mat = np.frombuffer(b"".join(blobs), dtype=np.float64).reshape(n, 2 * f)
+    values, present = mat[:, :f], mat[:, f:] > 0.5
 
-    def values(stage: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """(values (n,), pending (n,)): pending where the stage has no result or no such key."""
-        ms = [r["metrics"] for r in per_stage[stage]]
-        present = np.fromiter((key in m for m in ms), dtype=bool, count=n)
-        vals = np.fromiter((_nan(m.get(key)) for m in ms), dtype=np.float64, count=n)
-        return vals, ~(present & has_stage[stage])
+    def col(stage: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+        j = _FIELD_INDEX[(stage, key)]
+        return values[:, j], ~present[:, j]
 
     frame = {"exposure_id": ids, "name": [r[2] for r in ex], "path": [r[1] for r in ex], "status": status}
     pending = {}
     for name, (stage, key) in STORE_KEYS.items():
-        frame[name], pending[name] = values(stage, key)
-    du, du_wait = values("ctf", "defocus_u")
-    dv, dv_wait = values("ctf", "defocus_v")
+        frame[name], pending[name] = col(stage, key)
+    (du, du_wait), (dv, dv_wait) = col("ctf", "defocus_u"), col("ctf", "defocus_v")
     frame["defocus_angstrom"], pending["defocus_angstrom"] = 0.5 * (du + dv), du_wait | dv_wait
     frame["particle_count"] = np.array([np.nan if r[4] is None else float(r[4]) for r in ex], dtype=np.float64)
     pending["particle_count"] = ~done
-    for col, (stage, key) in _STAR_EXTRA.items():
-        frame[col] = values(stage, key)[0]
-    frame["micrograph"] = [r["outputs"].get("micrograph") for r in per_stage["motion"]]
+    for column, (stage, key) in _STAR_EXTRA.items():
+        frame[column] = col(stage, key)[0]
+    frame["micrograph"] = [cache[i][3] if i in stamps else None for i in ids.tolist()]
     frame_df = pd.DataFrame(frame)
     pending_df = pd.DataFrame(pending)[list(METRICS)]
     ov_map = store.overrides()
@@ -248,14 +281,15 @@ def open_session_store(out: str | os.PathLike) -> SessionStore:
 
 def set_thresholds(out: str | os.PathLike, thresholds: Thresholds | dict, replace: bool = False,
                    source: str = "curate", write_files: bool = True,
-                   store: SessionStore | None = None) -> CurationSummary:
+                   store: SessionStore | None = None, particles: bool = True) -> CurationSummary:
     """Change the thresholds of a session (running or not) and re-decide every exposure at once.
 
     ``thresholds``: a :class:`Thresholds` (replaces all bounds) or a dict of bounds to change (``None`` removes
     one), applied to the current thresholds unless ``replace``. Persists them (with ``source``), records every
     exposure's new decision, and with ``write_files`` rewrites ``OUT/exposures.star`` and ``OUT/particles.star``
-    atomically (a running session also notices the change and rewrites its outputs). Nothing upstream is
-    recomputed and nothing is deleted. ``store``: an open store of ``out`` to use (default: open and close one).
+    atomically (a running session also notices the change and rewrites its outputs); ``particles=False`` leaves
+    particles.star to the running session. Nothing upstream is recomputed and nothing is deleted. ``store``: an
+    open store of ``out`` to use (default: open and close one).
     """
     own = store is None
     store = open_session_store(out) if own else store
@@ -268,7 +302,7 @@ def set_thresholds(out: str | os.PathLike, thresholds: Thresholds | dict, replac
         else:
             new = current_thresholds(store, settings)[1].updated(**thresholds)
         store.save_thresholds(new.model_dump(), source=source)
-        return recurate(out, store, settings, write_files=write_files)
+        return recurate(out, store, settings, write_files=write_files, particles=particles)
     finally:
         if own:
             store.close()

@@ -177,7 +177,15 @@ class Session:
             self._dirty = True
 
     # ------------------------------------------------------------------ running
+    @property
+    def paused(self) -> bool:
+        """Paused from the dashboard (store key ``paused``): no new exposure is started; work in flight finishes."""
+        value = self.store.get_value("paused") or {}
+        return bool(value.get("paused")) if isinstance(value, dict) else bool(value)
+
     def _submit_pending(self) -> None:
+        if self.paused:
+            return
         capacity = getattr(self.executor, "capacity", 1)
         busy = set(self._in_flight.values())
         pending = self.store.exposures("pending")
@@ -202,6 +210,8 @@ class Session:
         self._submit_pending()
         if not self._in_flight:
             self._maybe_write_outputs()
+            if timeout and self.paused:
+                time.sleep(min(timeout, 1.0))  # paused with work queued: wait, do not spin
             return 0
         done, _ = cf.wait(list(self._in_flight), timeout=timeout, return_when=cf.FIRST_COMPLETED)
         n = 0
@@ -383,6 +393,7 @@ class Session:
 
     # ------------------------------------------------------------------ outputs
     def _maybe_write_outputs(self) -> None:
+        self.class2d.apply_selection()  # a class selection saved by the dashboard
         if self.store.curation_version() != self._curation_version:  # thresholds/overrides changed elsewhere
             self._dirty = True
         if self._dirty and time.monotonic() - self._last_output >= self.output_interval_s:
@@ -438,7 +449,7 @@ def write_exposures_star(out: Path, store: SessionStore, settings: Settings, sum
 
     summary = curate(store, settings) if summary is None else summary
     df = exposures_star_frame(summary.table, summary.decision)[EXPOSURES_STAR_COLUMNS]
-    return write_star(out / "exposures.star", {"optics": optics_table(settings), "micrographs": df})
+    return write_star(out / "exposures.star", {"optics": optics_table(settings), "micrographs": df}, fast=True)
 
 
 def accepted_particles(out: Path, store: SessionStore, settings: Settings, cache: dict | None = None, summary=None):
@@ -504,7 +515,7 @@ def write_particles_star(out: Path, store: SessionStore, settings: Settings, cac
             df["rlnClassNumber"] = cls.astype(int)
     df = df.drop(columns=["_exposure_id", "_index"])
     optics = optics_table(settings, ext["particle_pixel_size_angstrom"], ext["output_box_size_px"])
-    return write_star(out / "particles.star", {"optics": optics, "particles": df})
+    return write_star(out / "particles.star", {"optics": optics, "particles": df}, fast=True)
 
 
 # ---------------------------------------------------------------------------------------------- 2D
@@ -625,6 +636,10 @@ class Class2DStage:
         dist = snap.class_distribution.numpy().astype(np.float64)
         res = snap.resolution_angstrom.numpy().astype(np.float64)
         selected = select_classes(dist, res)
+        manual = self.store.get_value(MANUAL_SELECTION_KEY)
+        if manual:  # the user's selection (dashboard) wins over the automatic one
+            selected = np.isin(np.arange(1, k + 1), [int(c) for c in manual.get("selected", [])])
+            self._manual_applied = manual
         write_mrc(self.out / "class2d" / "classes.mrcs", averages, self.classifier.pixel_size, stack=True)
         import pandas as pd
 
@@ -640,6 +655,32 @@ class Class2DStage:
         self.n_classes_active = int(selected.sum())
         self.store.set_value("class2d_particles_seen", self.n_particles_seen)
         self.store.set_value("class2d_n_classes", self.n_classes_active)
+
+
+    def apply_selection(self) -> bool:
+        """If the manual class selection in the store (``class2d_manual_selection``: ``{"selected": [class
+        numbers, 1-based], "by", "time"}``, saved by the dashboard) changed, rewrite classes.star's
+        ``cryoliveSelected`` with it. Returns True if it rewrote the table."""
+        manual = self.store.get_value(MANUAL_SELECTION_KEY)
+        if not manual or manual == getattr(self, "_manual_applied", None):
+            return False
+        path = self.out / "class2d" / "classes.star"
+        if not path.is_file():
+            return False
+        from ..io.star import read_star, write_star
+
+        table = read_star(path)["model_classes"].copy()
+        chosen = [int(c) for c in manual.get("selected", [])]
+        table["cryoliveSelected"] = np.isin(table["rlnClassNumber"].to_numpy(), chosen).astype(int)
+        write_star(path, {"model_classes": table})
+        self._manual_applied = manual
+        self.n_classes_active = int(table["cryoliveSelected"].sum())
+        self.store.set_value("class2d_n_classes", self.n_classes_active)
+        log.info("2D: class selection from %s applied (%d classes)", manual.get("by"), self.n_classes_active)
+        return True
+
+
+MANUAL_SELECTION_KEY = "class2d_manual_selection"  # written by the dashboard (cryolive.server)
 
 
 def select_classes(distribution: np.ndarray, resolution_angstrom: np.ndarray) -> np.ndarray:

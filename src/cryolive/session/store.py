@@ -11,7 +11,9 @@ Tables:
     :class:`cryolive.preprocess.curation.Thresholds`, its source: "start", "curate", "dashboard"...); the last
     row is the current one. ``curation_overrides``: manual decisions per exposure (+1 accept, -1 reject).
     ``curation_decisions``: the last decision per exposure (status 1 accepted, 0 rejected, 2 pending; reasons
-    joined by ","; the thresholds row it used). See :mod:`cryolive.session.curation`.
+    joined by ","; the thresholds row it used). ``curation_metrics``: a cache of each exposure's curation metrics
+    (a float64 blob whose ``layout`` the curation module names), derived from ``stage_results`` and refreshed
+    when an exposure's ``stamp`` (its latest stage result's rowid) changes. See :mod:`cryolive.session.curation`.
     These tables are created on opening an older store (``CREATE TABLE IF NOT EXISTS``): nothing to migrate.
 
 Only the session process writes; workers return results to it. One connection guarded by a lock, so the
@@ -82,6 +84,13 @@ CREATE TABLE IF NOT EXISTS curation_overrides (
     decision INTEGER NOT NULL,
     note TEXT,
     created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS curation_metrics (
+    exposure_id INTEGER PRIMARY KEY REFERENCES exposures(id),
+    stamp INTEGER NOT NULL,
+    layout TEXT NOT NULL,
+    vals BLOB NOT NULL,
+    micrograph TEXT
 );
 CREATE TABLE IF NOT EXISTS curation_decisions (
     exposure_id INTEGER PRIMARY KEY REFERENCES exposures(id),
@@ -342,16 +351,46 @@ class SessionStore:
             return {int(e): (int(s), r) for e, s, r in
                     self._db.execute("SELECT exposure_id, status, reasons FROM curation_decisions")}
 
-    def latest_stage_metrics(self, stages) -> dict[tuple[int, str], dict]:
-        """``{(exposure id, stage): {"metrics": ..., "outputs": ...}}`` of the latest result of each stage, every
-        exposure at once (one query; for curation and the aggregate STAR files)."""
+    def latest_stage_metrics(self, stages, exposure_ids=None) -> dict[tuple[int, str], dict]:
+        """``{(exposure id, stage): {"metrics": ..., "outputs": ...}}`` of the latest result of each stage, for
+        every exposure (or those of ``exposure_ids``) at once (for curation and the aggregate STAR files)."""
         stages = list(stages)
-        q = ("SELECT exposure_id, stage, metrics, outputs FROM stage_results WHERE stage IN (%s) "
-             "ORDER BY exposure_id, created" % ",".join("?" * len(stages)))
+        q = ("SELECT exposure_id, stage, metrics, outputs FROM stage_results WHERE stage IN (%s)"
+             % ",".join("?" * len(stages)))
         with self._lock:
-            rows = self._db.execute(q, stages).fetchall()
+            if exposure_ids is None:
+                rows = self._db.execute(q + " ORDER BY exposure_id, created", stages).fetchall()
+            else:
+                ids = [int(i) for i in exposure_ids]
+                rows = []
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i : i + 500]
+                    rows += self._db.execute(q + " AND exposure_id IN (%s) ORDER BY exposure_id, created"
+                                             % ",".join("?" * len(chunk)), stages + chunk).fetchall()
         loads = json.loads
         return {(r[0], r[1]): {"metrics": loads(r[2]), "outputs": loads(r[3])} for r in rows}
+
+    def stage_stamps(self) -> dict[int, int]:
+        """Exposure id → rowid of its latest stage result (changes whenever a stage result is recorded)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT exposure_id, MAX(rowid) FROM stage_results GROUP BY exposure_id"))
+
+    def exposure_summaries(self) -> list[tuple]:
+        """``(id, path, name, status, n_particles)`` of every exposure not failed, in id order (one query)."""
+        with self._lock:
+            return self._db.execute("SELECT id, path, name, status, n_particles FROM exposures "
+                                    "WHERE status != 'failed' ORDER BY id").fetchall()
+
+    def metrics_cache(self) -> dict[int, tuple[int, str, bytes, str | None]]:
+        """Exposure id → (stamp, layout, vals blob, micrograph) of the curation metrics cache."""
+        with self._lock:
+            return {r[0]: (r[1], r[2], r[3], r[4]) for r in
+                    self._db.execute("SELECT exposure_id, stamp, layout, vals, micrograph FROM curation_metrics")}
+
+    def save_metrics_cache(self, rows) -> None:
+        """``rows``: ``(exposure id, stamp, layout, vals blob, micrograph)`` tuples (replace earlier ones)."""
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO curation_metrics VALUES (?, ?, ?, ?, ?)", rows)
 
     # ------------------------------------------------------------------ key-value state
     def set_value(self, key: str, value) -> None:
