@@ -7,6 +7,8 @@ Commands:
   live      watch a folder and process movies as the microscope writes them (resumes on restart)
   simulate  write a simulated dataset with its ground truth (and optionally replay it into a folder)
   curate    show or change the exposure curation thresholds of a session (running or not)
+  serve     run the facility server and web dashboard over registered sessions (pip install 'cryolive[server]')
+  serve-admin  users, tokens and sessions of the facility server
 
 Examples:
 
@@ -420,6 +422,118 @@ def simulate(
     else:
         sim.simulate_live(out, replay_into, settings, interval_s=replay_interval)
         typer.echo(f"{n_movies} movies replayed into {replay_into}")
+
+
+# ---------------------------------------------------------------------------------------------- serve
+@app.command()
+def serve(
+    root: Path = typer.Option(..., "--root", help="facility root holding server.sqlite (see serve-admin)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+    port: int = typer.Option(8765, "--port", help="TCP port"),
+    poll: float = typer.Option(0.5, "--poll", help="seconds between two looks at each open session's store"),
+):
+    """Run the web dashboard and its API (REST + WebSocket push) over the sessions registered in ROOT.
+
+    Every API route needs a token (Authorization: Bearer, or the browser's login); a user sees only the
+    sessions they own or were granted. Binds 127.0.0.1 unless --host says otherwise; put a TLS proxy in
+    front to serve other machines.
+
+    Example:
+
+    \b
+      cryolive serve-admin add-user alice --root /facility
+      cryolive serve-admin issue-token alice --root /facility --days 30
+      cryolive serve-admin add-session krios1-run7 /data/run7/out --owner alice --root /facility
+      cryolive serve --root /facility --port 8765     # then open http://127.0.0.1:8765
+    """
+    try:
+        import uvicorn
+
+        from .server.app import create_app
+        from .server.registry import RegistryError
+    except ImportError as exc:
+        typer.echo(f"error: the server needs its extra: pip install 'cryolive[server]' ({exc})", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        application = create_app(root, poll_s=poll)
+    except RegistryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: serving on {host}: use TLS (a reverse proxy) so tokens do not cross the network "
+                   "in clear", err=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+admin = typer.Typer(help="Users, tokens and sessions of the facility server (ROOT/server.sqlite).",
+                    no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+app.add_typer(admin, name="serve-admin")
+ROOT = typer.Option(..., "--root", help="facility root (server.sqlite is created there)")
+
+
+def _registry(root: Path):
+    from .server.registry import Registry
+
+    return Registry(root)
+
+
+def _admin_call(fn):
+    from .server.registry import RegistryError
+
+    try:
+        return fn()
+    except RegistryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@admin.command("add-user")
+def admin_add_user(name: str = typer.Argument(..., help="user name"), root: Path = ROOT):
+    """Create a user (then issue them a token)."""
+    _admin_call(lambda: _registry(root).add_user(name))
+    typer.echo(f"user {name} added")
+
+
+@admin.command("issue-token")
+def admin_issue_token(name: str = typer.Argument(..., help="user name"), root: Path = ROOT,
+                      days: float = typer.Option(30.0, "--days", help="days until the token expires"),
+                      label: str = typer.Option("", "--label", help="a note, e.g. where it is used")):
+    """Issue a token (printed once; only its hash is stored)."""
+    token = _admin_call(lambda: _registry(root).issue_token(name, days=days, label=label))
+    typer.echo(token)
+
+
+@admin.command("revoke-tokens")
+def admin_revoke(name: str = typer.Argument(..., help="user name"), root: Path = ROOT):
+    """Revoke every token of a user."""
+    n = _admin_call(lambda: _registry(root).revoke_tokens(name))
+    typer.echo(f"{n} tokens revoked")
+
+
+@admin.command("add-session")
+def admin_add_session(session_id: str = typer.Argument(..., help="id used in the dashboard's URLs"),
+                      out: Path = typer.Argument(..., help="session folder (holding session.sqlite)"),
+                      owner: str = typer.Option(..., "--owner", help="user who owns it"), root: Path = ROOT,
+                      title: str = typer.Option("", "--title", help="a title for the session list")):
+    """Register a session folder under an id, owned by a user."""
+    rec = _admin_call(lambda: _registry(root).add_session(session_id, out, owner, title))
+    typer.echo(f"session {rec.id} → {rec.out_dir} (owner {rec.owner})")
+
+
+@admin.command("grant")
+def admin_grant(session_id: str = typer.Argument(...), user: str = typer.Argument(...), root: Path = ROOT):
+    """Let another user see a session."""
+    _admin_call(lambda: _registry(root).grant(session_id, user))
+    typer.echo(f"{user} may see {session_id}")
+
+
+@admin.command("list")
+def admin_list(root: Path = ROOT):
+    """Users and sessions."""
+    reg = _registry(root)
+    typer.echo("users: " + ", ".join(reg.users()))
+    for rec in reg.sessions():
+        typer.echo(f"session {rec.id}: {rec.out_dir} (owner {rec.owner})")
 
 
 def main() -> None:  # pragma: no cover - entry point
