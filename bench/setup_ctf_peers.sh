@@ -19,13 +19,21 @@ want=${1:-all}
 mkdir -p "$ROOT"
 
 if [[ $want == all || $want == teamtomo ]]; then
-  if [[ ! -x $ROOT/teamtomo/bin/python ]] || ! "$ROOT/teamtomo/bin/python" -c "import torch_ctf_estimation" 2>/dev/null; then
+  if [[ ! -x $ROOT/teamtomo/bin/python ]] || ! "$ROOT/teamtomo/bin/python" bench/_peer_teamtomo.py --check >/dev/null 2>&1; then
     "$PY" -m venv "$ROOT/teamtomo"
     "$ROOT/teamtomo/bin/pip" install -q --upgrade pip
     "$ROOT/teamtomo/bin/pip" install -q torch==2.13.0
-    "$ROOT/teamtomo/bin/pip" install -q "torch-ctf-estimation==$TEAMTOMO_VERSION" mrcfile
+    echo "torch==2.13.0" > "$ROOT/teamtomo/constraints.txt"
+    # torch-ctf-estimation declares torchvision, which PyPI builds only against other torch releases (it would
+    # replace torch 2.13.0 by a CUDA build); it uses torchvision for one Gaussian blur of the spectrum's
+    # background, which bench/_peer_teamtomo.py provides (same definition). So: the package without its
+    # declared dependencies, then those dependencies except torchvision, torch pinned by the constraints file.
+    "$ROOT/teamtomo/bin/pip" install -q --no-deps "torch-ctf-estimation==$TEAMTOMO_VERSION"
+    "$ROOT/teamtomo/bin/pip" install -q -c "$ROOT/teamtomo/constraints.txt" einops numpy "pydantic>=2,<3" scipy \
+      teamtomo-basemodel torch-ctf torch-cubic-spline-grids torch-fourier-filter torch-fourier-rescale \
+      torch-grid-utils torch-image-interpolation mrcfile
   fi
-  "$ROOT/teamtomo/bin/python" -c "import torch, torch_ctf_estimation; print('teamtomo ok, torch', torch.__version__)"
+  "$ROOT/teamtomo/bin/python" bench/_peer_teamtomo.py --check
 fi
 
 if [[ $want == all || $want == aspire ]]; then
