@@ -80,6 +80,25 @@ def test_process_cli_end_to_end(dataset, tmp_path):
     assert all(r["metrics"]["seconds"] > 0 for r in timings)
     store.close()
 
+    # curation: a defocus window around the exposure with the most particles keeps only that one
+    fit = np.sort(mean_fit.to_numpy())
+    target = int(np.argmax(merged["cryoliveParticleCount"].to_numpy()))
+    k = int(np.searchsorted(fit, mean_fit.to_numpy()[target]))
+    sets = [f"min_defocus_angstrom={0.5 * (fit[k - 1] + fit[k]):.0f}"] if k > 0 else []
+    sets += [f"max_defocus_angstrom={0.5 * (fit[k] + fit[k + 1]):.0f}"] if k < len(fit) - 1 else []
+    args = [a for item in sets for a in ("--set", item)]
+    result = CliRunner().invoke(app, ["curate", str(out), *args, "--set", "max_ctf_resolution_angstrom=none"])
+    assert result.exit_code == 0, result.output
+    assert "1 accepted, 2 rejected, 0 pending" in result.output
+    mics2 = read_star(out / "exposures.star")["micrographs"]
+    kept = mics2.loc[mics2["cryoliveAccepted"] == 1, "rlnMicrographName"].tolist()
+    assert kept == [merged["rlnMicrographName"].iloc[target]]
+    tokens = {item[4:].replace("=", ">" if item.startswith("max") else "<") for item in sets}
+    assert set(mics2.loc[mics2["cryoliveAccepted"] == 0, "cryoliveRejectionReason"]) <= tokens
+    p2 = read_star(out / "particles.star")["particles"]
+    assert set(p2["rlnMicrographName"]) == set(kept)
+    assert len(p2) == int(mics2.loc[mics2["cryoliveAccepted"] == 1, "cryoliveParticleCount"].sum())
+
 
 def test_live_cli_with_replay_then_resume(dataset, tmp_path):
     from cryolive.simulate import replay
