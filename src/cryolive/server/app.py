@@ -37,7 +37,7 @@ from .registry import NAME_RE, Registry
 COOKIE = "cryolive_token"
 STATIC = FsPath(__file__).parent / "static"
 SESSION_ID = Path(..., min_length=1, max_length=64, pattern=NAME_RE.pattern, description="registered session id")
-EXPOSURE_ID = Path(..., ge=1, le=2**62, description="exposure id (integer)")
+EXPOSURE_ID = Path(..., pattern=r"^[1-9][0-9]{0,17}$", description="exposure id (decimal digits only)")
 
 
 # ---------------------------------------------------------------------------------------------- auth
@@ -198,27 +198,27 @@ def create_app(root: str | os.PathLike, poll_s: float = 0.5) -> FastAPI:
         return sd.exposure_table(since_id)
 
     @app.get("/api/sessions/{session_id}/exposures/{exposure_id}", tags=["exposures"])
-    def exposure(sd: SessionData = Depends(session_access), exposure_id: int = EXPOSURE_ID) -> dict:
-        return _clean(_not_found(sd.exposure, exposure_id))
+    def exposure(sd: SessionData = Depends(session_access), exposure_id: str = EXPOSURE_ID) -> dict:
+        return _clean(_not_found(sd.exposure, int(exposure_id)))
 
     @app.get("/api/sessions/{session_id}/exposures/{exposure_id}/micrograph.png", tags=["exposures"],
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    def micrograph_png(sd: SessionData = Depends(session_access), exposure_id: int = EXPOSURE_ID,
+    def micrograph_png(sd: SessionData = Depends(session_access), exposure_id: str = EXPOSURE_ID,
                        size: int = Query(768, ge=64, le=2048)) -> Response:
-        return _png(_not_found(sd.micrograph_png, exposure_id, size))
+        return _png(_not_found(sd.micrograph_png, int(exposure_id), size))
 
     @app.get("/api/sessions/{session_id}/exposures/{exposure_id}/picks", tags=["exposures"])
-    def picks(sd: SessionData = Depends(session_access), exposure_id: int = EXPOSURE_ID) -> dict:
-        return _not_found(sd.picks, exposure_id)
+    def picks(sd: SessionData = Depends(session_access), exposure_id: str = EXPOSURE_ID) -> dict:
+        return _not_found(sd.picks, int(exposure_id))
 
     @app.get("/api/sessions/{session_id}/exposures/{exposure_id}/power_spectrum.png", tags=["exposures"],
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    def power_spectrum_png(sd: SessionData = Depends(session_access), exposure_id: int = EXPOSURE_ID) -> Response:
-        return _png(_not_found(sd.power_spectrum, exposure_id)[0])
+    def power_spectrum_png(sd: SessionData = Depends(session_access), exposure_id: str = EXPOSURE_ID) -> Response:
+        return _png(_not_found(sd.power_spectrum, int(exposure_id))[0])
 
     @app.get("/api/sessions/{session_id}/exposures/{exposure_id}/ctf_profile", tags=["exposures"])
-    def ctf_profile(sd: SessionData = Depends(session_access), exposure_id: int = EXPOSURE_ID) -> dict:
-        return _not_found(sd.power_spectrum, exposure_id)[1]
+    def ctf_profile(sd: SessionData = Depends(session_access), exposure_id: str = EXPOSURE_ID) -> dict:
+        return _not_found(sd.power_spectrum, int(exposure_id))[1]
 
     # -------------------------------------------------------------- curation
     @app.get("/api/sessions/{session_id}/thresholds", tags=["curation"])
