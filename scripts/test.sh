@@ -12,6 +12,11 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install --quiet torch==2.13.0
 fi
 python -m pip install --quiet -e '.[test]'
+# the dashboard's browser tests drive Debian's Chromium (Playwright never downloads a browser here)
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }) \
+        || echo "warning: could not install chromium; the browser tests will be skipped" >&2
+fi
 # GNU nproc honours OMP_NUM_THREADS, so count the cores before pinning the threads per process
 NPROC="$(env -u OMP_NUM_THREADS nproc 2>/dev/null || echo 2)"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
