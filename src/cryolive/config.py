@@ -40,6 +40,12 @@ class CTFSettings(BaseModel):
     min_defocus_angstrom: float = 2000.0
     max_defocus_angstrom: float = 50000.0
     tile_size_px: int = 512
+    # defocus landscape (preprocess.ctf_landscape.estimate_ctf_patches): patch grid (rows, columns) and ± search
+    landscape_patches: tuple[int, int] = (5, 5)
+    landscape_search_range_angstrom: float = 3000.0
+    # specimen flags (preprocess.ctf_landscape.assess_specimen)
+    carbon_heterogeneity_threshold: float = 1.35
+    thick_ice_ring_power: float = 0.045
 
 
 class PickingSettings(BaseModel):

@@ -128,3 +128,58 @@ def test_against_cryolive_simulate_movie(index):
         res.defocus_u, res.defocus_v, truth.defocus_u, truth.defocus_v)
     if truth.defocus_u - truth.defocus_v > 100:
         assert abs(angle_error_deg(res.defocus_angle_deg, truth.defocus_angle_deg)) < 15
+
+
+def test_diagnostic_image_rings_continue_into_the_fit():
+    """The half-and-half image: the data half (left) matches the point-reflected model half (right) for the right
+    defocus, and much less for a defocus 2000 Å off; below the fit band it is zero."""
+    import dataclasses
+
+    from cryolive.preprocess.ctf_fit import ctf_diagnostic_image_2d
+
+    img = simulate_micrograph((1024, 1024), 1.0, 24.0, 15400.0, 14600.0, 30.0, 300.0, bfactor_angstrom2=60.0,
+                              seed=8)
+    res = estimate_ctf(img, 1.0, 300.0, 2.7, 0.1)
+    n = res.power_spectrum.shape[-2]
+
+    def left_right_corr(r):
+        d = ctf_diagnostic_image_2d(r, 1.0, 300.0, 2.7, 0.1).numpy()
+        assert d.shape == (n, n) and np.abs(d).max() <= 3.0
+        c = n // 2
+        yy, xx = np.meshgrid(np.arange(n) - c, np.arange(n) - c, indexing="ij")
+        k = np.hypot(yy, xx) / n  # 1/Å at 1 Å/px
+        assert np.all(d[k < 1 / 30.0] == 0)
+        sel = (xx < 0) & (k > 1 / 20) & (k < 1 / 6) & (np.abs(yy) < c)
+        left = d[sel]
+        right = d[(c - yy[sel]) % n, (c - xx[sel]) % n]  # the point reflection lies in the right half
+        return float(np.corrcoef(left, right)[0, 1])
+
+    good = left_right_corr(res)
+    shifted = dataclasses.replace(res, defocus_u=res.defocus_u + 2000, defocus_v=res.defocus_v + 2000)
+    bad = left_right_corr(shifted)
+    assert good > 0.3 and good > 3 * abs(bad), (good, bad)
+
+
+def test_done_when_default_range_error_within_ctffind5_level():
+    """Issue 4's first bar on cryolive.simulate micrographs (1024², 1 Å/px, 300 kV, defocus 0.8–2.5 µm, astigmatism
+    ≤ 500 Å, 40 e/Å²): RMS error of the mean defocus and of U/V ≤ 10 Å; astigmatism angle within 3° where the
+    astigmatism exceeds 100 Å (bench/ctf.py measures the same on more micrographs, beside the peers)."""
+    from cryolive.simulate.movies import MovieSimulator, SimulationSettings
+
+    err_mean, err_uv, err_angle = [], [], []
+    for i in range(6):
+        s = SimulationSettings(image_shape_px=(1024, 1024), n_frames=40, dose_per_frame=1.0, local_motion_angstrom=0.0,
+                               oversampling=1, seed=300 + i, defocus_range_angstrom=(8000.0, 25000.0),
+                               max_astigmatism_angstrom=500.0)
+        truth = MovieSimulator(s, i).truth()
+        img = torch.poisson(truth.reference.clamp(min=0), generator=torch.Generator().manual_seed(i))
+        r = estimate_ctf(img, 1.0, 300.0, 2.7, 0.1)
+        err_mean.append((r.defocus_u + r.defocus_v) / 2 - (truth.defocus_u + truth.defocus_v) / 2)
+        err_uv += [r.defocus_u - truth.defocus_u, r.defocus_v - truth.defocus_v]
+        if truth.defocus_u - truth.defocus_v > 100:
+            err_angle.append(abs(angle_error_deg(r.defocus_angle_deg, truth.defocus_angle_deg)))
+    rms_mean = float(np.sqrt(np.mean(np.square(err_mean))))
+    rms_uv = float(np.sqrt(np.mean(np.square(err_uv))))
+    print(f"default range: RMS mean defocus {rms_mean:.1f} Å, RMS U/V {rms_uv:.1f} Å, angles {np.round(err_angle, 2)}")
+    assert rms_mean <= 10.0 and rms_uv <= 10.0, (err_mean, err_uv)
+    assert len(err_angle) >= 3 and max(err_angle) <= 3.0, err_angle

@@ -16,7 +16,12 @@ import torch
 from scipy.stats import spearmanr
 
 from cryolive.preprocess.ctf_fit import estimate_ctf
-from cryolive.preprocess.ctf_landscape import estimate_ctf_patches, estimate_ice_thickness, fit_defocus_plane
+from cryolive.preprocess.ctf_landscape import (
+    assess_specimen,
+    estimate_ctf_patches,
+    estimate_ice_thickness,
+    fit_defocus_plane,
+)
 from cryolive.preprocess.extraction import per_particle_defocus
 from cryolive.simulate.movies import MovieSimulator, SimulationSettings
 
@@ -145,6 +150,64 @@ def test_pipeline_records_tilt_ice_and_per_particle_defocus(tmp_path):
            if (round(float(y)), round(float(x))) in fit]
     assert len(err) >= 0.9 * len(coords)
     assert float(np.sqrt(np.mean(np.square(err)))) <= 100.0
+    # specimen flags and the dashboard's CTF data (OUT/ctf/<movie>.star, _diag.mrc, _diag.png)
+    assert ctf["specimen_flag"] == "ok" and ctf["carbon_heterogeneity"] < 1.35, ctf
+    out_ctf = next(st for st in outcome.stages if st.stage == "ctf").outputs
+    assert set(out_ctf) == {"ctf_star", "ctf_diag_mrc", "ctf_diag_png"}
+    blocks = read_star(tmp_path / "out" / out_ctf["ctf_star"])
+    prof = blocks["ctf_profile"]
+    assert np.all(np.diff(prof["rlnResolution"].to_numpy()) > 0) and len(prof) > 100
+    band = (prof["rlnResolution"] > 1 / 20) & (prof["rlnResolution"] < 1 / 6)
+    assert np.corrcoef(prof["cryoliveCtfSpectrum"][band], prof["cryoliveCtfFit"][band])[0, 1] > 0.5
+    assert float(blocks["ctf"]["rlnDefocusU"]) == pytest.approx(ctf["defocus_u"], abs=0.01)
+    import mrcfile
+
+    diag = mrcfile.read(tmp_path / "out" / out_ctf["ctf_diag_mrc"])
+    assert diag.shape == (512, 512) and np.abs(diag).max() <= 3.0
+    assert (tmp_path / "out" / out_ctf["ctf_diag_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_landscape_settings_are_in_the_ctf_settings_hash():
+    """Changing the patch grid or search range re-runs the CTF stage (and everything after it), not motion."""
+    from cryolive.config import CTFSettings, Settings
+    from cryolive.session.pipeline import stage_hashes
+
+    base = stage_hashes(Settings())
+    for change in (dict(landscape_patches=(7, 5)), dict(landscape_search_range_angstrom=5000.0),
+                   dict(carbon_heterogeneity_threshold=2.0), dict(thick_ice_ring_power=0.03)):
+        h = stage_hashes(Settings(ctf=CTFSettings(**change)))
+        assert h["motion"] == base["motion"]
+        assert h["ctf"] != base["ctf"] and h["picking"] != base["picking"], change
+
+
+def test_landscape_uses_the_settings_grid():
+    img, _ = _micrograph(1, image_shape_px=(512, 512), particles_per_micrograph=20)
+    from cryolive.config import CTFSettings
+
+    land = estimate_ctf_patches(img, 1.0, 300.0, 2.7, 0.1, CTFSettings(landscape_patches=(2, 3), tile_size_px=256))
+    assert land.patch_centres_yx_px.shape == (6, 2)
+
+
+@pytest.mark.parametrize(
+    "thickness, coverage, px, expected",
+    [
+        (250.0, 0.0, 1.0, "ok"),  # thin ice, no carbon
+        (500.0, 0.0, 1.3, "ok"),
+        (1200.0, 0.0, 0.85, "thick_ice"),
+        (250.0, 0.15, 1.0, "carbon"),  # a carbon edge over 15 % of the image
+        (400.0, 0.4, 0.85, "carbon"),
+        (1000.0, 0.3, 1.3, "carbon+thick_ice"),
+    ],
+)
+def test_specimen_flags_carbon_edge_and_thick_ice(thickness, coverage, px, expected):
+    """cryolive.simulate exposures (40 e/Å², particles, junk) with a carbon film at a hole edge (the simulator's
+    ``carbon_coverage``) and ice of 250–1200 Å: assess_specimen flags carbon and thick ice, and only those."""
+    img, truth = _micrograph(200 + int(thickness) + int(100 * coverage), image_shape_px=(768, 768),
+                             particles_per_micrograph=50, pixel_size_angstrom=px,
+                             ice_thickness_range_angstrom=(thickness, thickness), carbon_coverage=coverage,
+                             defocus_range_angstrom=(8000.0, 30000.0), particle_height_spread=True)
+    a = assess_specimen(img, px)
+    assert a.flag == expected, (a, truth.defocus_u)
 
 
 def test_global_fit_over_a_wide_range_of_conditions():

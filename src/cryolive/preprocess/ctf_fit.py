@@ -35,7 +35,7 @@ from ..config import CTFSettings
 from ..ctf import calculate_ctf_1d, electron_wavelength_angstrom
 from ..fourier import frequency_grid_2d
 
-__all__ = ["CTFResult", "estimate_ctf", "average_power_spectrum_2d"]
+__all__ = ["CTFResult", "estimate_ctf", "average_power_spectrum_2d", "ctf_diagnostic_image_2d"]
 
 _POLY_BG = 4  # background polynomial terms (in flattened units)
 _POLY_ENV = 3  # envelope polynomial terms
@@ -48,6 +48,9 @@ class CTFResult:
 
     frequencies_inv_angstrom, spectrum_1d, fit_1d: ``(n,)`` numpy arrays for plots: the equiphase average
     of the background-subtracted spectrum and the fitted envelope × CTF² at the same frequencies (1/Å).
+    fit_correlation_1d: ``(n,)`` the windowed (about one Thon ring) correlation of the two, which sets
+    ``max_resolution_angstrom``. power_spectrum: the ``(n, n//2+1)`` averaged spectrum that was fitted (rfft
+    layout), for :func:`ctf_diagnostic_image_2d`.
     """
 
     defocus_u: float
@@ -60,6 +63,8 @@ class CTFResult:
     frequencies_inv_angstrom: np.ndarray
     spectrum_1d: np.ndarray
     fit_1d: np.ndarray
+    fit_correlation_1d: np.ndarray | None = None
+    power_spectrum: torch.Tensor | None = None
 
 
 def _taper_2d(n: int, device, edge_fraction: float = 0.1) -> torch.Tensor:
@@ -269,7 +274,7 @@ def estimate_ctf(
     defocus_u, defocus_v = mean_df + astig / 2, mean_df - astig / 2
 
     # --- equiphase 1D average and fit resolution ---
-    freqs, spec1d, fit1d, max_res = _equiphase_profile(
+    freqs, spec1d, fit1d, corr1d, max_res = _equiphase_profile(
         ps, k, ky, kx, half, k_lo, k_nyq, mean_df, a1, a2, ph_fit, voltage_kv, cs_mm, q, pixel_size_angstrom, n)
     return CTFResult(
         defocus_u=defocus_u,
@@ -282,6 +287,8 @@ def estimate_ctf(
         frequencies_inv_angstrom=freqs,
         spectrum_1d=spec1d,
         fit_1d=fit1d,
+        fit_correlation_1d=corr1d,
+        power_spectrum=ps,
     )
 
 
@@ -347,5 +354,90 @@ def _equiphase_profile(ps, k, ky, kx, half, k_lo, k_nyq, mean_df, a1, a2, ph, vo
             break
         max_k = fk[i]
     max_res = 1.0 / max(max_k, 1e-6)
-    return fk, spec, fit, float(max(max_res, 2.0 * pixel_size))
+    return fk, spec, fit, corr, float(max(max_res, 2.0 * pixel_size))
 
+
+
+def _full_centred_spectrum(ps: torch.Tensor) -> torch.Tensor:
+    """``(n, n//2+1)`` rfft-layout spectrum → ``(n, n)`` full spectrum with the origin at ``(n//2, n//2)``."""
+    n = ps.shape[-2]
+    full = torch.empty(n, n, dtype=ps.dtype, device=ps.device)
+    m = ps.shape[-1]
+    full[:, :m] = ps
+    # Hermitian symmetry: P(ky, kx) = P(-ky, -kx) for the columns rfft leaves out
+    rows = (-torch.arange(n, device=ps.device)) % n
+    cols = n - torch.arange(m, n, device=ps.device)
+    full[:, m:] = ps[rows][:, cols]
+    return torch.fft.fftshift(full, dim=(-2, -1))
+
+
+def ctf_diagnostic_image_2d(
+    result: CTFResult,
+    pixel_size_angstrom: float,
+    voltage_kv: float = 300.0,
+    cs_mm: float = 2.7,
+    amplitude_contrast: float = 0.1,
+    settings: CTFSettings = CTFSettings(),
+) -> torch.Tensor:
+    """CTFFIND-style half-and-half diagnostic ``(n, n)`` of a fit, origin at ``(n//2, n//2)`` (row, column).
+
+    Columns ``< n//2`` (left half): the fitted power spectrum (``result.power_spectrum``), smoothed over 3 × 3
+    pixels, minus its smooth radial background (exp of a polynomial in k fitted to the log of the ring means,
+    too smooth to follow Thon rings) and divided by the smooth radial RMS of the rest. Columns ``≥ n//2``
+    (right half): the fitted CTF² (U, V, angle, phase shift of ``result``) as ``(CTF² − ½)·√8`` (zero mean, unit
+    standard deviation over a ring), so Thon rings of the data continue into
+    the model across the vertical centre line when the fit is right. Frequencies below
+    ``settings.min_resolution_angstrom`` are 0; values are clipped to ±3. Same frequency grid as
+    :func:`cryolive.ctf.calculate_ctf_2d` (x = column, y = row), so the rings appear as the micrograph's would.
+    """
+    if result.power_spectrum is None:
+        raise ValueError("result has no power_spectrum (fit with cryolive.preprocess.ctf_fit.estimate_ctf)")
+    ps = result.power_spectrum.to(torch.float32)
+    n = ps.shape[-2]
+    dev = ps.device
+    full = _full_centred_spectrum(ps)
+    c = torch.arange(n, device=dev, dtype=torch.float32) - n // 2
+    ky = c[:, None].expand(n, n) / (n * pixel_size_angstrom)
+    kx = c[None, :].expand(n, n) / (n * pixel_size_angstrom)
+    k = torch.sqrt(ky**2 + kx**2)
+    k_lo = 1.0 / settings.min_resolution_angstrom
+    k_nyq = 0.5 / pixel_size_angstrom
+    lam = electron_wavelength_angstrom(voltage_kv)
+    cs = cs_mm * 1e7
+    q = amplitude_contrast
+    mean_df = 0.5 * (result.defocus_u + result.defocus_v)
+    ang = math.radians(result.defocus_angle_deg)
+    a1, a2 = result.astigmatism * math.cos(2 * ang), result.astigmatism * math.sin(2 * ang)
+    theta = torch.atan2(ky, kx)
+    g = _gamma_2d(mean_df, a1, a2, result.phase_shift_deg, k**2, torch.cos(2 * theta), torch.sin(2 * theta), lam, cs)
+    model = (math.sqrt(1 - q * q) * torch.sin(g) + q * torch.cos(g)) ** 2
+    shell = torch.round(k * n * pixel_size_angstrom).long()
+    n_sh = int(shell.max()) + 1
+    valid = (k >= k_lo) & (k <= k_nyq)
+    sv = shell[valid]
+    kv = torch.arange(n_sh, device=dev, dtype=torch.float32) / (n * pixel_size_angstrom)
+    u1 = (2 * (kv - k_lo) / (k_nyq - k_lo) - 1).clamp(-1, 1)
+    cnt = torch.zeros(n_sh, device=dev).index_add_(0, sv, torch.ones_like(sv, dtype=torch.float32))
+    use = cnt > 0
+    basis = _legendre_basis(u1[use], 8)
+
+    def smooth_radial(values: torch.Tensor) -> torch.Tensor:
+        """Per-pixel ``exp`` of a degree-7 polynomial in k fitted to the log of the ring means of ``values``."""
+        mean = torch.zeros(n_sh, device=dev).index_add_(0, sv, values) / cnt.clamp(min=1)
+        coef = torch.linalg.lstsq(basis, torch.log(mean[use].clamp(min=1e-30))[:, None]).solution
+        curve = torch.zeros(n_sh, device=dev)
+        curve[use] = torch.exp((basis @ coef)[:, 0])
+        return curve[sv]
+
+    # 3 × 3 box smoothing of the data (periodogram noise); background = smooth radial curve (wider than a Thon
+    # ring, so the rings stay), scale = smooth radial RMS of what is left
+    smooth = torch.nn.functional.avg_pool2d(full[None, None], 3, stride=1, padding=1, count_include_pad=False)[0, 0]
+    resid = smooth[valid] - smooth_radial(smooth[valid])
+    scale = smooth_radial(resid**2).sqrt()
+    data = torch.zeros_like(full)
+    data[valid] = (resid / scale.clamp(min=1e-30)).clamp(-3, 3)
+    # CTF² in [0, 1] has mean 1/2 and standard deviation 1/√8 over a Thon ring
+    fit = torch.zeros_like(full)
+    fit[valid] = ((model[valid] - 0.5) * math.sqrt(8.0)).clamp(-3, 3)
+    out = torch.where(torch.arange(n, device=dev)[None, :] < n // 2, data, fit)
+    return out

@@ -50,7 +50,8 @@ from ..ctf import electron_wavelength_angstrom
 from ..fourier import frequency_grid_2d
 from .ctf_fit import CTFResult, _fit_score, _legendre_basis, average_power_spectrum_2d, estimate_ctf
 
-__all__ = ["CTFLandscape", "IceEstimate", "estimate_ctf_patches", "estimate_ice_thickness", "fit_defocus_plane"]
+__all__ = ["CTFLandscape", "IceEstimate", "SpecimenAssessment", "assess_specimen", "estimate_ctf_patches",
+           "estimate_ice_thickness", "fit_defocus_plane"]
 
 _MIN_RELATIVE_PATCH_R2 = 0.25  # patches whose best R² is below this fraction of the median are not used
 _PATCH_ENLARGE = 2.0  # patch side / grid cell side: neighbouring patches overlap (more pixels, finer rings)
@@ -163,19 +164,23 @@ def estimate_ctf_patches(
     amplitude_contrast: float = 0.1,
     settings: CTFSettings = CTFSettings(),
     global_result: CTFResult | None = None,
-    n_patches: tuple[int, int] = (5, 5),
-    search_range_angstrom: float = 3000.0,
+    n_patches: tuple[int, int] | None = None,
+    search_range_angstrom: float | None = None,
     patch_tile_px: int | None = None,
 ) -> CTFLandscape:
     """Defocus landscape of ``image (h, w)`` (non-dose-weighted sum, counts) on an ``n_patches = (ny, nx)`` grid.
 
     pixel_size_angstrom: Å/px; voltage_kv: kV; cs_mm: mm; amplitude_contrast: fraction; settings: the fit band
     and tile size of the global fit; global_result: the global :class:`CTFResult` (fitted here if None; its
-    astigmatism and angle are kept fixed for the patches). search_range_angstrom: ± range of the per-patch
-    search around the global mean defocus. patch_tile_px: tile size of the patch spectra (default and at most: the patch, one tapered tile,
+    astigmatism and angle are kept fixed for the patches). n_patches: grid (rows, columns), default
+    ``settings.landscape_patches``. search_range_angstrom: ± range of the per-patch search around the global mean
+    defocus, default ``settings.landscape_search_range_angstrom``. patch_tile_px: tile size of the patch spectra (default and at most: the patch, one tapered tile,
     which keeps the dense Thon rings of high defocus resolved).
     Returns a :class:`CTFLandscape` (see the module docstring for the plane and angle conventions).
     """
+    n_patches = tuple(settings.landscape_patches if n_patches is None else n_patches)
+    if search_range_angstrom is None:
+        search_range_angstrom = settings.landscape_search_range_angstrom
     if global_result is None:
         global_result = estimate_ctf(image, pixel_size_angstrom, voltage_kv, cs_mm, amplitude_contrast, settings)
     img = image.to(torch.float32)
@@ -292,3 +297,75 @@ def estimate_ice_thickness(
     rel = (ring - mean) / mean**2
     flag = "thick_ice" if rel > thick_threshold else ("no_ice_ring" if rel <= no_ring_threshold else "ok")
     return IceEstimate(rel, ring / outer, flag)
+
+
+LOW_BAND_INV_ANGSTROM = (1 / 40, 1 / 12)
+
+
+@dataclass
+class SpecimenAssessment:
+    """Carbon / thick-ice flags of a micrograph (see :func:`assess_specimen`).
+
+    - ``ice_ring_power``: excess power of the water ring over shot noise as a fractional-contrast power density,
+      Å² (``relative_thickness × pixel²``: independent of dose and pixel size); NaN if Nyquist misses the ring;
+    - ``carbon_heterogeneity``: mean of the top decile of tile powers in the 12–40 Å band over the median tile;
+    - ``flags``: a tuple of "carbon", "thick_ice" (empty when neither); ``flag``: "ok" or the flags joined by "+".
+    """
+
+    ice_ring_power: float
+    carbon_heterogeneity: float
+    flags: tuple[str, ...]
+
+    @property
+    def flag(self) -> str:
+        return "+".join(self.flags) if self.flags else "ok"
+
+
+def assess_specimen(
+    image: torch.Tensor,
+    pixel_size_angstrom: float,
+    settings: CTFSettings = CTFSettings(),
+    ice: IceEstimate | None = None,
+    tile_angstrom: float = 128.0,
+) -> SpecimenAssessment:
+    """Flag a micrograph ``(h, w)`` (non-dose-weighted sum of gain-corrected counts) that shows a carbon film or
+    thick ice. A heuristic, from the image and its spectrum:
+
+    - **carbon**: a carbon film scatters far more than vitreous ice at low resolution (its structure factor stays
+      ~0.3 at low q, where water's is ~0.06, and carbon is twice as dense in atoms), and it covers a contiguous
+      region with no particles in it. The image is band-passed to 12–40 Å (where ice contributes little and the
+      film's Thon rings and texture are strong), cut into tiles of ``tile_angstrom``, and the fractional power of
+      each tile is measured; ``carbon_heterogeneity`` = mean of the top decile of tiles / median tile. A film
+      over 10–50 % of the image gives ≥ ``settings.carbon_heterogeneity_threshold`` (default 1.35; micrographs of
+      particles, junk aggregates and ice of 200–1200 Å give 1.05–1.2 in the simulator). A micrograph entirely on
+      carbon has no contrast between tiles and is not flagged by this rule.
+    - **thick_ice**: the water ring (3.7 Å) grows with the amount of water in the beam (Rheinberger et al. 2021):
+      ``ice_ring_power`` ≥ ``settings.thick_ice_ring_power`` (default 0.045 Å², reached near 900 Å of ice in the
+      simulator, a perfect counting detector). A real detector's DQE at 3.7 Å lowers the measure, so the
+      threshold is per detector: calibrate it on a few micrographs of known thickness or set it from the
+      session's distribution (the measure ranks exposures either way).
+    """
+    img = image.to(torch.float32)
+    px = float(pixel_size_angstrom)
+    if ice is None:
+        ice = estimate_ice_thickness(img, px, settings.tile_size_px)
+    ring_power = ice.relative_thickness * px * px
+    h, w = img.shape[-2:]
+    t = max(8, int(round(tile_angstrom / px)))
+    ny, nx = h // t, w // t
+    het = float("nan")
+    if ny * nx >= 16 and 0.5 / px > LOW_BAND_INV_ANGSTROM[1]:
+        ky, kx = frequency_grid_2d((h, w), px, True, img.device)
+        k = torch.sqrt(ky**2 + kx**2)
+        band = ((k >= LOW_BAND_INV_ANGSTROM[0]) & (k <= LOW_BAND_INV_ANGSTROM[1])).to(torch.float32)
+        bp = torch.fft.irfft2(torch.fft.rfft2(img) * band, s=(h, w))
+        tiles = bp[: ny * t, : nx * t].reshape(ny, t, nx, t).pow(2).mean(dim=(1, 3)).flatten()  # (ny·nx,)
+        ordered = tiles.sort().values
+        top = ordered[-max(1, len(ordered) // 10):].mean()
+        het = float(top / ordered.median().clamp(min=1e-30))
+    flags = []
+    if het >= settings.carbon_heterogeneity_threshold:
+        flags.append("carbon")
+    if ring_power >= settings.thick_ice_ring_power:
+        flags.append("thick_ice")
+    return SpecimenAssessment(float(ring_power), het, tuple(flags))

@@ -8,6 +8,8 @@ two CTF tiles each way, and a relative ice thickness), picks particles, extracts
     OUT/micrographs/<movie>.mrc        dose-weighted sum (<movie>_noDW.mrc with settings.motion.write_no_dw)
     OUT/particles/<movie>.mrcs         extracted particles (contrast inverted: particles white)
     OUT/particles/<movie>.star         their rows for OUT/particles.star
+    OUT/ctf/<movie>.star               CTF fit and its 1D profile for the dashboard (data_ctf, data_ctf_profile)
+    OUT/ctf/<movie>_diag.mrc, .png     2D half-and-half diagnostic (left: spectrum, right: fitted CTF²)
 
 Each file is written atomically before the worker returns, and only the session process records the
 returned :class:`ExposureOutcome` in the store, so a crash leaves either nothing or a complete result.
@@ -51,6 +53,7 @@ class StageFunctions:
     per_particle_defocus: Callable | None = None
     estimate_ctf_patches: Callable | None = None
     estimate_ice_thickness: Callable | None = None
+    assess_specimen: Callable | None = None
     detect_hot_pixels: Callable | None = None
     correct_defects: Callable | None = None
 
@@ -74,7 +77,7 @@ def _default_function(name: str) -> Callable:
         from ..preprocess.ctf_fit import estimate_ctf
 
         return estimate_ctf
-    if name in ("estimate_ctf_patches", "estimate_ice_thickness"):
+    if name in ("estimate_ctf_patches", "estimate_ice_thickness", "assess_specimen"):
         from ..preprocess import ctf_landscape
 
         return getattr(ctf_landscape, name)
@@ -140,6 +143,9 @@ def output_paths(out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
         "micrograph_nodw": out / "micrographs" / f"{stem}_noDW.mrc",
         "particles_mrcs": out / "particles" / f"{stem}.mrcs",
         "particles_star": out / "particles" / f"{stem}.star",
+        "ctf_star": out / "ctf" / f"{stem}.star",
+        "ctf_diag_mrc": out / "ctf" / f"{stem}_diag.mrc",
+        "ctf_diag_png": out / "ctf" / f"{stem}_diag.png",
     }
 
 
@@ -302,6 +308,7 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
                                settings.ctf)
         landscape, tilt_metrics = _ctf_landscape(fns, micrograph_nodw, ctf, settings)
         ice = fns.estimate_ice_thickness(micrograph_nodw, px, settings.ctf.tile_size_px)
+        specimen = fns.assess_specimen(micrograph_nodw, px, settings.ctf, ice=ice)
         metrics = {
             "seconds": time.perf_counter() - t0,
             "defocus_u": _to_float(ctf.defocus_u), "defocus_v": _to_float(ctf.defocus_v),
@@ -311,9 +318,14 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
             # relative (dimensionless) ice thickness, see preprocess.ctf_landscape.estimate_ice_thickness
             "ice_thickness_angstrom": _to_float(getattr(ice, "relative_thickness", None)),
             "ice_flag": str(getattr(ice, "flag", "not_measurable")),
+            # "ok", "carbon", "thick_ice" or "carbon+thick_ice": preprocess.ctf_landscape.assess_specimen
+            "specimen_flag": str(specimen.flag),
+            "ice_ring_power": _to_float(specimen.ice_ring_power),
+            "carbon_heterogeneity": _to_float(specimen.carbon_heterogeneity),
             **tilt_metrics,
         }
-        results.append(StageOutcome("ctf", hashes["ctf"], metrics, {}))
+        outputs = _write_ctf_diagnostics(ctf, metrics, settings, paths, out)
+        results.append(StageOutcome("ctf", hashes["ctf"], metrics, outputs))
 
     # ---------------------------------------------------------------- picking
     with _tag("picking"):
@@ -397,13 +409,60 @@ def _ctf_landscape(fns: StageFunctions, micrograph_nodw, ctf, settings: Settings
     optics = settings.optics
     try:
         land = fns.estimate_ctf_patches(micrograph_nodw, optics.pixel_size_angstrom, optics.voltage_kv, optics.cs_mm,
-                                        optics.amplitude_contrast, settings.ctf, global_result=ctf)
+                                        optics.amplitude_contrast, settings.ctf, global_result=ctf,
+                                        n_patches=tuple(settings.ctf.landscape_patches),
+                                        search_range_angstrom=settings.ctf.landscape_search_range_angstrom)
     except Exception as exc:  # the global fit stands; per-particle defocus falls back to it
         metrics["landscape_error"] = f"{type(exc).__name__}: {exc}"
         return None, metrics
     metrics["stage_tilt_deg"] = _to_float(land.stage_tilt_deg)
     metrics["tilt_axis_deg"] = _to_float(land.tilt_axis_deg)
     return land, metrics
+
+
+def _write_ctf_diagnostics(ctf, metrics: dict, settings: Settings, paths: dict, out: Path) -> dict:
+    """The dashboard's CTF data (see docs/CONVENTIONS.md): ``OUT/ctf/<movie>.star`` (``data_ctf``: the fit;
+    ``data_ctf_profile``: the 1D equiphase profile, fit and windowed correlation against frequency) and the 2D
+    half-and-half image as MRC and 8-bit PNG. Only for fits that carry the profile (cryolive's estimate_ctf)."""
+    if getattr(ctf, "frequencies_inv_angstrom", None) is None:
+        return {}
+    import pandas as pd
+
+    from ..io.mrc import write_mrc
+    from ..io.star import write_star
+    from ..preprocess.ctf_fit import ctf_diagnostic_image_2d
+
+    optics = settings.optics
+    f = _np(ctf.frequencies_inv_angstrom).astype(np.float64)
+    corr = getattr(ctf, "fit_correlation_1d", None)
+    profile = pd.DataFrame({
+        "rlnResolution": f, "rlnAngstromResolution": 1.0 / np.maximum(f, 1e-12),
+        "cryoliveCtfSpectrum": _np(ctf.spectrum_1d).astype(np.float64),
+        "cryoliveCtfFit": _np(ctf.fit_1d).astype(np.float64),
+        "cryoliveCtfFitCorrelation": (_np(corr).astype(np.float64) if corr is not None else np.full(len(f), np.nan)),
+    })
+    summary = {"rlnDefocusU": metrics["defocus_u"], "rlnDefocusV": metrics["defocus_v"],
+               "rlnDefocusAngle": metrics["defocus_angle_deg"], "rlnCtfAstigmatism": metrics["astigmatism"],
+               "rlnCtfMaxResolution": metrics["max_resolution_angstrom"],
+               "rlnCtfFigureOfMerit": metrics["figure_of_merit"],
+               "rlnPhaseShift": _to_float(getattr(ctf, "phase_shift_deg", 0.0)),
+               "rlnMicrographPixelSize": float(optics.pixel_size_angstrom)}
+    write_star(paths["ctf_star"], {"ctf": summary, "ctf_profile": profile})
+    outputs = {"ctf_star": _rel(paths["ctf_star"], out)}
+    if getattr(ctf, "power_spectrum", None) is not None:
+        diag = _np(ctf_diagnostic_image_2d(ctf, optics.pixel_size_angstrom, optics.voltage_kv, optics.cs_mm,
+                                           optics.amplitude_contrast, settings.ctf)).astype(np.float32)
+        write_mrc(paths["ctf_diag_mrc"], diag, float(optics.pixel_size_angstrom))
+        import imagecodecs
+
+        png = imagecodecs.png_encode(np.clip((diag + 3.0) * (255.0 / 6.0), 0, 255).astype(np.uint8))
+        from ..io.atomic import atomic_path
+
+        with atomic_path(paths["ctf_diag_png"]) as tmp:
+            tmp.write_bytes(png)
+        outputs["ctf_diag_mrc"] = _rel(paths["ctf_diag_mrc"], out)
+        outputs["ctf_diag_png"] = _rel(paths["ctf_diag_png"], out)
+    return outputs
 
 
 def _particle_defocus(fns: StageFunctions, ctf, coords_yx: np.ndarray, landscape=None):
