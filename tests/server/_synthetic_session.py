@@ -155,7 +155,8 @@ class SyntheticSession:
         half = int(round(0.75 * self.settings.picking.particle_diameter_angstrom / px))
         for y, x in yx.round().astype(int):
             if half <= y < img.shape[0] - half and half <= x < img.shape[1] - half:
-                self._boxes.append(-img[y - half: y + half, x - half: x + half])  # particles white
+                # the expected image (what an average of many such particles converges to), particles white
+                self._boxes.append(-mic.noiseless.numpy()[y - half: y + half, x - half: x + half])
         return rel, int(len(yx))
 
     def write_classes(self, n_classes: int = 8) -> None:

@@ -232,10 +232,10 @@ function drawSeries(key) {
   const w = c.width, h = c.height;
   ctx.clearRect(0, 0, w, h);
   const ys = state.metrics[key] || [];
-  const t0 = state.finished.length ? state.finished[0] : 0;
-  const xs = state.finished.map((t) => (t - t0) / 3600);
+  const xs = ys.map((_, i) => i + 1);  // exposures in the order they were done
   const xr = finiteRange(xs), yr = finiteRange(ys, [state.thresholds[`min_${key}`], state.thresholds[`max_${key}`]]);
-  axes(ctx, w, h, null, yr, xr ? `time (h), ${ys.length} exposures` : "no exposures yet");
+  c.closest(".metric").hidden = !finiteRange(ys);  // a metric this session does not measure: no panel
+  axes(ctx, w, h, null, yr, xr ? `exposure (1 … ${ys.length})` : "no exposures yet");
   let n = 0;
   if (xr && yr) {
     const sx = (w - PAD.l - PAD.r) / (xr[1] - xr[0]), sy = (h - PAD.t - PAD.b) / (yr[1] - yr[0]);
@@ -372,9 +372,7 @@ function pickPoint(ev, key) {
   const c = $(`series-${key}`);
   if (!c.dataset.xr) return;
   const xr = c.dataset.xr.split(",").map(Number);
-  const t = valueAt(c, canvasX(ev, c), xr) * 3600 + state.finished[0];
-  let best = 0, bd = Infinity;
-  state.finished.forEach((f, i) => { const d = Math.abs(f - t); if (d < bd) { bd = d; best = i; } });
+  const best = Math.max(0, Math.min(state.ids.length - 1, Math.round(valueAt(c, canvasX(ev, c), xr)) - 1));
   $("follow").checked = false;
   selectExposure(state.ids[best]);
 }
@@ -402,8 +400,11 @@ async function selectExposure(eid) {
     for (const [k, v] of Object.entries(m)) if (typeof v === "number") lines.push(`${stage}.${k}: ${nice(v)}`);
   }
   $("exposure-info").textContent = lines.join("\n");
-  $("micrograph").src = info.has_micrograph ? `${base}/micrograph.png` : "";
-  $("spectrum").src = info.has_micrograph ? `${base}/power_spectrum.png` : "";
+  for (const [id, file] of [["micrograph", "micrograph.png"], ["spectrum", "power_spectrum.png"]]) {
+    $(id).hidden = !info.has_micrograph;
+    if (info.has_micrograph) $(id).src = `${base}/${file}`; else $(id).removeAttribute("src");
+  }
+  $("mic-caption").textContent = info.has_micrograph ? "micrograph" : "no micrograph file for this exposure";
   drawPicks(await api(`${base}/picks`).catch(() => null));
   drawProfile(await api(`${base}/ctf_profile`).catch(() => null));
 }
@@ -421,7 +422,7 @@ function drawPicks(p) {
     c.setAttribute("fill", "none"); c.setAttribute("stroke", "#3cf"); c.setAttribute("stroke-width", Math.max(2, p.width / 300));
     svg.appendChild(c);
   }
-  $("mic-caption").textContent = `micrograph with ${p.x.length} picks`;
+  if (!$("micrograph").hidden) $("mic-caption").textContent = `micrograph with ${p.x.length} picks`;
 }
 
 function drawCurve(c, xs, series, yr, xlabel) {
@@ -504,6 +505,7 @@ async function saveSelection() {
   $("save-selection").disabled = true;
   $("selection-status").textContent = `saved: ${r.selected.length} classes`;
   $("selection-status").dataset.saved = r.selected.join(",");
+  $("class-note").textContent = `selection saved by ${r.by}`;
 }
 
 // ------------------------------------------------------------------------------------------- 3D
