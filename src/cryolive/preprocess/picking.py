@@ -313,6 +313,38 @@ def _band(k: torch.Tensor, diameter_angstrom: float) -> torch.Tensor:
     )
 
 
+def junk_maps(
+    ft_neg: torch.Tensor, flip: torch.Tensor, k: torch.Tensor, ps_w: float, shape: tuple[int, int],
+    diameter_angstrom: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Junk indicators on the working grid ``shape`` from the negated working image's rfft ``ft_neg``, the phase
+    flip, |k| (1/Å) and the working pixel size: ``(local_power, mass)``, each ``(nh, nw)`` (see
+    :class:`Picks`)."""
+    nh, nw = shape
+    dev = ft_neg.device
+    ft_raw = ft_neg * flip
+    # junk indicator: power of the flipped image over a wider band (down to 1/(6·diameter)) in a disc of one
+    # diameter radius, relative to its median over the micrograph; aggregates and contamination are big and dense
+    wide = _highpass(k, JUNK_HIGHPASS_DIAMETERS * diameter_angstrom) * torch.exp(
+        -0.5 * (k * diameter_angstrom / BAND_LOWPASS_PER_DIAMETER) ** 2
+    )
+    x_wide = torch.fft.irfft2(ft_raw * wide, s=(nh, nw))
+    win = _disc_wrapped((nh, nw), diameter_angstrom / ps_w, dev)
+    junk_power = torch.fft.irfft2(torch.fft.rfft2(x_wide * x_wide) * torch.fft.rfft2(win).conj(), s=(nh, nw))
+    junk_power = junk_power / win.sum()
+    junk_power = junk_power / junk_power.median().clamp(min=1e-20)
+    # junk indicator 2: projected mass (amplitude contrast darkens thick objects at every defocus): local mean of
+    # the negated, unflipped image (Gaussian of σ = diameter/4) above the background (features < 10 × diameter),
+    # as a robust z-score over the micrograph; particles ≈ 0–1.5, aggregates and contamination several σ
+    mass_filter = _highpass(k, JUNK_MASS_HIGHPASS_DIAMETERS * diameter_angstrom) * torch.exp(
+        -2 * (math.pi * k * diameter_angstrom / 4) ** 2
+    )
+    mass = torch.fft.irfft2(ft_neg * mass_filter, s=(nh, nw))
+    mass_median = mass.median()
+    mass = (mass - mass_median) / ((mass - mass_median).abs().median() * 1.4826).clamp(min=1e-20)
+    return junk_power, mass
+
+
 def score_map(
     micrograph: torch.Tensor, pixel_size_angstrom: float, diameter_angstrom: float, ctf: dict | None = None,
     null_realisations: int | None = None, detect_carbon_film: bool = True,
@@ -350,25 +382,7 @@ def score_map(
     null_scale = best_idx[1:] if null_realisations > 0 else None
     best, best_idx, best_amp = best[0], best_idx[0], best_amp[0]
     amp_ref = power_ref.sqrt()
-    # junk indicator: power of the flipped image over a wider band (down to 1/(6·diameter)) in a disc of one
-    # diameter radius, relative to its median over the micrograph; aggregates and contamination are big and dense
-    wide = _highpass(k, JUNK_HIGHPASS_DIAMETERS * diameter_angstrom) * torch.exp(
-        -0.5 * (k * diameter_angstrom / BAND_LOWPASS_PER_DIAMETER) ** 2
-    )
-    x_wide = torch.fft.irfft2(ft_raw * wide, s=(nh, nw))
-    win = _disc_wrapped((nh, nw), diameter_angstrom / ps_w, dev)
-    junk_power = torch.fft.irfft2(torch.fft.rfft2(x_wide * x_wide) * torch.fft.rfft2(win).conj(), s=(nh, nw))
-    junk_power = junk_power / win.sum()
-    junk_power = junk_power / junk_power.median().clamp(min=1e-20)
-    # junk indicator 2: projected mass (amplitude contrast darkens thick objects at every defocus): local mean of
-    # the negated, unflipped image (Gaussian of σ = diameter/4) above the background (features < 10 × diameter),
-    # as a robust z-score over the micrograph; particles ≈ 0–1.5, aggregates and contamination several σ
-    mass_filter = _highpass(k, JUNK_MASS_HIGHPASS_DIAMETERS * diameter_angstrom) * torch.exp(
-        -2 * (math.pi * k * diameter_angstrom / 4) ** 2
-    )
-    mass = torch.fft.irfft2(ft_neg * mass_filter, s=(nh, nw))
-    mass_median = mass.median()
-    mass = (mass - mass_median) / ((mass - mass_median).abs().median() * 1.4826).clamp(min=1e-20)
+    junk_power, mass = junk_maps(ft_neg, flip, k, ps_w, (nh, nw), diameter_angstrom)
     carbon_w = None
     if carbon is not None:
         carbon_w = F.interpolate(carbon[None, None].float(), size=(nh, nw), mode="area")[0, 0] > 0.5
@@ -487,11 +501,21 @@ def pick_blobs(
     null (≈ 2.3 for the median noise peak). The micrograph is not modified. Returns :class:`Picks`, best
     score first.
     """
-    from .extraction import default_box_sizes
-
     diameter = float(settings.particle_diameter_angstrom)
-    h, w = micrograph.shape[-2:]
     maps = score_map(micrograph, pixel_size_angstrom, diameter, ctf)
+    return picks_from_score_maps(maps, pixel_size_angstrom, settings, edge_margin_px)
+
+
+def picks_from_score_maps(
+    maps: dict, pixel_size_angstrom: float, settings: PickingSettings, edge_margin_px: float | None = None,
+    return_index: bool = False,
+) -> Picks | tuple[Picks, torch.Tensor]:
+    """Candidates, junk and carbon rejection, threshold and sub-pixel positions from score maps on a working grid
+    (a dict as :func:`score_map` returns: ``score``, ``scale_index`` (index into ``SCALES``: the template
+    diameter, for NMS), ``local_power``, ``mass``, ``amplitude``, ``pixel_size``, ``scale_yx``, ``null_score``,
+    ``null_scale_index``, ``carbon``). Shared by the blob and template pickers. With ``return_index`` also the
+    flat indices ``(n,)`` of the picks on the working grid."""
+    diameter = float(settings.particle_diameter_angstrom)
     score = maps["score"]
     ps_w = maps["pixel_size"]
     sy, sx = maps["scale_yx"]
@@ -545,7 +569,7 @@ def pick_blobs(
     coords = torch.stack([(coords_w[:, 0] + dy) * sy, (coords_w[:, 1] + dx) * sx], -1)
 
     order = torch.nonzero(sel).flatten()[: settings.max_picks_per_micrograph]
-    return Picks(
+    picks = Picks(
         coords_yx_px=coords[order].to(torch.float32),
         scores=cand_scores[order],
         local_power=power[order],
@@ -560,6 +584,7 @@ def pick_blobs(
         n_junk=int(junk.sum()),
         carbon_fraction=carbon_fraction,
     )
+    return (picks, idx[order]) if return_index else picks
 
 
 def match_picks(pred_yx: torch.Tensor, true_yx: torch.Tensor, radius) -> tuple[int, float, float, float]:
