@@ -199,6 +199,8 @@ class StreamingClassifier2D:
         self.revisit_fraction = float(revisit_fraction)
         self.chunk_size = int(chunk_size)
         self.initial_temperature = float(initial_temperature)
+        self.reference_oversampling = 3
+        self.alignment_margin = 0.2  # the alignment limit runs this fraction of the class resolution (in shells) ahead
         self.inverse_temperature = 1.0
         b, dev = self.b, self.device
         nyq = 2 * self.pixel_size
@@ -239,6 +241,7 @@ class StreamingClassifier2D:
         self.buf_ctfpar = torch.zeros(0, 3, device=dev)
         self.buf_half = torch.zeros(0, dtype=torch.long, device=dev)
         self._refs_cache = None
+        self._class_ft_cache = None
 
     def _shell_of(self, res_angstrom: float) -> int:
         return int(min(self.b // 2, max(2, math.floor(self.b * self.pixel_size / res_angstrom))))
@@ -299,6 +302,7 @@ class StreamingClassifier2D:
         self.buf_half = state["buf_half"].to(dev).long()
         self.gen.set_state(state["rng_state"])
         self._refs_cache = None
+        self._class_ft_cache = None
 
     # ------------------------------------------------------------------ helpers
     def _ctf(self, ctfpar: torch.Tensor, rfft: bool = True) -> torch.Tensor:
@@ -347,14 +351,61 @@ class StreamingClassifier2D:
         avg = torch.fft.irfft2(num_ft / (den + reg), s=(self.b, self.b))
         return avg * self.mask
 
-    def _references(self):
-        """Rotated references for the E-step: ``(K·P, b, b2)`` complex FFT, cached until the classes change."""
-        if self._refs_cache is None:
-            avg = self._averages()  # (K, b, b)
+    def _class_transforms(self) -> torch.Tensor:
+        """Centred transforms of the masked class averages on an ``o``× oversampled grid ``(K, o·b, o·b)`` complex
+        (``o = reference_oversampling``): index ``o·b/2 + o·f`` holds frequency ``f`` (cycles per box) of the
+        average about its centre ``(b//2, b//2)``.
+        Cached until the classes change."""
+        if self._class_ft_cache is None:
+            b = self.b
+            avg = self._averages() * self.mask  # (K, b, b)
+            o = self.reference_oversampling
+            big = torch.zeros(self.K, o * b, o * b, device=avg.device)
+            big[:, (o * b - b) // 2 : (o * b + b) // 2, (o * b - b) // 2 : (o * b + b) // 2] = avg
+            self._class_ft_cache = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(big, dim=(-2, -1))), dim=(-2, -1))
+        return self._class_ft_cache
+
+    def _sample_references(self, k: torch.Tensor, psi_deg: torch.Tensor, fy: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+        """Transforms (rfft layout, origin at pixel 0) of class averages ``k (m,)`` rotated counter-clockwise by
+        ``psi_deg (m,)``, at integer frequencies ``fy (R,)`` × ``fx (C,)`` → ``(m, R, C)`` complex.
+
+        Rotating an image rotates its transform: ``G_rot(f) = G(Rᵀ f)``, sampled bilinearly from the 2×
+        oversampled transform (RELION pads its references 2×; 3× here halves the interpolation error), so only the frequencies needed are made."""
+        b, o = self.b, self.reference_oversampling
+        G = self._class_transforms().reshape(self.K, -1)
+        a = torch.deg2rad(psi_deg.float())
+        c, s = torch.cos(a)[:, None, None], torch.sin(a)[:, None, None]
+        fyg, fxg = fy.float()[:, None], fx.float()[None, :]
+        qx = c * fxg + s * fyg  # Rᵀ f with R = [[c, -s], [s, c]] on (x, y)
+        qy = -s * fxg + c * fyg
+        jy, jx = o * b // 2 + o * qy, o * b // 2 + o * qx
+        y0, x0 = torch.floor(jy), torch.floor(jx)
+        wy, wx = jy - y0, jx - x0
+        y0, x0 = y0.long(), x0.long()
+        out = 0
+        for dy, wgt_y in ((0, 1 - wy), (1, wy)):
+            for dx, wgt_x in ((0, 1 - wx), (1, wx)):
+                yy = (y0 + dy).clamp(0, o * b - 1)
+                xx = (x0 + dx).clamp(0, o * b - 1)
+                idx = (yy * (o * b) + xx).reshape(len(k), -1)
+                out = out + G[k[:, None], idx].reshape(yy.shape) * (wgt_y * wgt_x)
+        sign = 1.0 - 2.0 * ((fy.long()[:, None] + fx.long()[None, :]) % 2).float()  # exp(-2πi f·c/b), c = b/2
+        inside = (fyg**2 + fxg**2) <= (b // 2) ** 2
+        return out * (sign * inside)
+
+    def _band_references(self):
+        """Rotated references in the alignment band for the E-step: ``(rows, ncol, refs (K·P, R, C), power
+        (K·P, R·C))``, cached until the classes or the alignment limit change."""
+        if self._refs_cache is None or self._refs_cache[0] != self.align_shell:
+            b = self.b
+            rows, ncol, _, _ = self._band_dft(self.align_shell, self.device)
+            fy = torch.fft.fftfreq(b, 1.0 / b, device=self.device)[rows]
+            fx = torch.arange(ncol, device=self.device)
             P = self.psi_values.shape[0]
-            rot = rotate_images_2d(avg.repeat_interleave(P, 0), self.psi_values.repeat(self.K), oversampling=2)
-            self._refs_cache = torch.fft.rfft2(rot * self.mask)  # (K·P, b, b2)
-        return self._refs_cache
+            k = torch.arange(self.K, device=self.device).repeat_interleave(P)
+            refs = self._sample_references(k, self.psi_values.repeat(self.K), fy, fx)  # (K·P, R, C)
+            self._refs_cache = (self.align_shell, refs)
+        return self._refs_cache[1]
 
     def _band_dft(self, shell: int, device):
         """Rows/columns of the rfft band ``|f_y|, f_x ≤ shell`` and the DFT matrices to the shift window:
@@ -387,31 +438,37 @@ class StreamingClassifier2D:
         ``normalized_cc``: score by normalised cross-correlation instead of likelihood (initial seeding).
         """
         b = self.b
-        refs_ft = self._references() if refs_ft is None else refs_ft
-        KP = refs_ft.shape[0]
+        rows, ncol, ey, ex = self._band_dft(self.align_shell, x.device)
+        if refs_ft is None:
+            refs_band = self._band_references()  # (KP, R, C)
+            if log_prior is None:
+                log_prior = self._class_prior()
+        else:
+            refs_band = refs_ft[:, rows][..., :ncol]
+        KP = refs_band.shape[0]
         K = KP // self.psi_values.shape[0]
         P = self.psi_values.shape[0]
         S = self.shift_values.shape[0]
-        lim = (self.shells <= self.align_shell).float()
-        wb = lim / self.sigma2[self.shells.clamp(max=self.n_shells - 1)]  # (b, b2)
-        ref_pow = (refs_ft.abs() ** 2).reshape(KP, -1)  # (KP, F)
-        rows, ncol, ey, ex = self._band_dft(self.align_shell, x.device)
-        refs_band = refs_ft[:, rows][..., :ncol].conj()  # (KP, R, C)
         if log_prior is None:
-            log_prior = self._class_prior() if refs_ft is self._refs_cache else torch.zeros(K, device=x.device)
+            log_prior = torch.zeros(K, device=x.device)
+        lim = (self.shells <= self.align_shell).float()
+        wb = (lim / self.sigma2[self.shells.clamp(max=self.n_shells - 1)])[rows][:, :ncol]  # (R, C)
+        mult = self.mult[rows][:, :ncol]
+        ref_pow = (refs_band.abs() ** 2).reshape(KP, -1)  # (KP, R·C)
+        refs_band = refs_band.conj()
         out_post, out_pose, out_best, out_ll = [], [], [], []
         for c0 in range(0, x.shape[0], self.chunk_size):
             xc = x[c0 : c0 + self.chunk_size]
             n = xc.shape[0]
-            ctf = self._ctf(par[c0 : c0 + self.chunk_size])  # (n, b, b2)
-            X = torch.fft.rfft2(xc)
-            Z = X * ctf * wb  # (n, b, b2)
+            ctf = self._ctf(par[c0 : c0 + self.chunk_size])[:, rows][..., :ncol]  # (n, R, C)
+            X = torch.fft.rfft2(xc)[:, rows][..., :ncol]
+            Z = X * ctf * wb  # (n, R, C)
             # cross-correlation Σ_f Z(f) conj(R(f)) exp(2πi f·s) at the integer shifts only, summing over the
             # band |f| ≤ limit by two small DFT matrix products (cheaper than full inverse FFTs at low resolution)
-            yb = Z[:, rows][..., :ncol][:, None] * refs_band[None]  # (n, KP, R, C)
+            yb = Z[:, None] * refs_band[None]  # (n, KP, R, C)
             cc = (ey @ yb @ ex).real.reshape(n, KP, S)
-            mm = ((ctf**2) * wb * self.mult).reshape(n, -1) @ ref_pow.T  # (n, KP)
-            xx = ((X.abs() ** 2) * wb * self.mult).reshape(n, -1).sum(-1)  # (n,)
+            mm = ((ctf**2) * wb * mult).reshape(n, -1) @ ref_pow.T  # (n, KP)
+            xx = ((X.abs() ** 2) * wb * mult).reshape(n, -1).sum(-1)  # (n,)
             if normalized_cc:
                 score = cc / torch.sqrt(mm[..., None] * xx[:, None, None]).clamp(min=1e-12)
                 ll = score.reshape(n, K, P * S)
@@ -448,7 +505,7 @@ class StreamingClassifier2D:
         )
 
     # ------------------------------------------------------------------ M-step
-    def _batch_statistics(self, x, par, half, e, top: int = 3, min_weight: float = 1e-3):
+    def _batch_statistics(self, x, par, half, e, top: int = 3, min_weight: float = 1e-3, residuals: bool = True):
         """Sufficient statistics of a batch given its E-step: ``num (2,K,b,b)``, ``den``, ``weight (2,K)``,
         ``sigma2_sum (n_shells,)`` (residual power per shell summed over particles)."""
         b, K = self.b, self.K
@@ -463,35 +520,53 @@ class StreamingClassifier2D:
         pp = pose[ii, kk]
         psi = self.psi_values[pp // S]
         sh = self.shift_values[pp % S]
+        P = self.psi_values.shape[0]
         num = torch.zeros(2, K, b, b, device=x.device)
         den = torch.zeros(2, K, b, b // 2 + 1, device=x.device)
         weight = torch.zeros(2, K, device=x.device)
         sig = torch.zeros(self.n_shells, device=x.device)
-        refs = self._references() if self.initialised else None
+        refs = (self.initialised and residuals) or None
+        # Rotation is linear, so Σ_i w_i R_-psi_i(y_i) = Σ_p R_-p(Σ_{i: psi_i = p} w_i y_i): accumulate the shifted,
+        # CTF-weighted transforms and the CTF² per (half, class, psi) bin, then rotate each occupied bin once.
+        bins = (half[ii] * K + kk) * P + pp // S
+        ubins, inv = torch.unique(bins, return_inverse=True)
+        U = ubins.shape[0]
+        num_bins = torch.zeros(U, b, b // 2 + 1, dtype=torch.complex64, device=x.device)
+        den_bins = torch.zeros(U, b, b, device=x.device)  # full plane, fftshifted (rotated about the centre)
         step = max(1, self.chunk_size * 8)
         for c0 in range(0, ii.shape[0], step):
-            i_, k_, w_, p_, s_ = (t[c0 : c0 + step] for t in (ii, kk, ww, psi, sh))
-            ctf = self._ctf(par[i_])
+            i_, w_, s_, u_ = (t[c0 : c0 + step] for t in (ii, ww, sh, inv))
+            ctf_full = self._ctf(par[i_], rfft=False)  # (m, b, b)
+            ctf = ctf_full[..., : b // 2 + 1]
             cx_ft = torch.fft.rfft2(x[i_]) * ctf * fourier.phase_shift_2d(-s_, (b, b))
+            num_bins.index_add_(0, u_, cx_ft * w_[:, None, None])
+            den_bins.index_add_(0, u_, ctf_full**2 * w_[:, None, None])
+        bin_psi = self.psi_values[ubins % P]
+        bin_flat = ubins // P  # half * K + class
+        rstep = max(1, self.chunk_size * 4)
+        for c0 in range(0, U, rstep):
+            sl = slice(c0, c0 + rstep)
+            ft = num_bins[sl]
             # rotate on a 2× grid (zero-padded transform) and crop back, see rotate_images_2d(oversampling=2)
-            big = torch.zeros(cx_ft.shape[0], 2 * b, b + 1, dtype=cx_ft.dtype, device=cx_ft.device)
-            big[:, : b // 2, : b // 2 + 1] = cx_ft[:, : b // 2]
-            big[:, 2 * b - b // 2 :, : b // 2 + 1] = cx_ft[:, b // 2 :]
+            big = torch.zeros(ft.shape[0], 2 * b, b + 1, dtype=ft.dtype, device=ft.device)
+            big[:, : b // 2, : b // 2 + 1] = ft[:, : b // 2]
+            big[:, 2 * b - b // 2 :, : b // 2 + 1] = ft[:, b // 2 :]
             big = torch.fft.irfft2(big, s=(2 * b, 2 * b)) * 4.0
-            cx = fourier.fourier_crop_2d(rotate_images_2d(big, -p_), (b, b))
-            c2 = torch.fft.fftshift(self._ctf(par[i_], rfft=False) ** 2, dim=(-2, -1))
-            c2 = torch.fft.ifftshift(rotate_images_2d(c2, -p_), dim=(-2, -1))[..., : b // 2 + 1]
-            flat = half[i_] * K + k_
-            num.view(2 * K, b, b).index_add_(0, flat, cx * w_[:, None, None])
-            den.view(2 * K, b, b // 2 + 1).index_add_(0, flat, c2 * w_[:, None, None])
-            weight.view(-1).index_add_(0, flat, w_)
+            cx = fourier.fourier_crop_2d(rotate_images_2d(big, -bin_psi[sl]), (b, b))
+            c2 = torch.fft.fftshift(den_bins[sl], dim=(-2, -1))
+            c2 = torch.fft.ifftshift(rotate_images_2d(c2, -bin_psi[sl]), dim=(-2, -1))[..., : b // 2 + 1]
+            num.view(2 * K, b, b).index_add_(0, bin_flat[sl], cx)
+            den.view(2 * K, b, b // 2 + 1).index_add_(0, bin_flat[sl], c2)
+        weight.view(-1).index_add_(0, half[ii] * K + kk, ww)
         if refs is not None:  # residual power at the best pose → noise estimate
             kb = e["best_class"]
             pb = pose.gather(1, kb[:, None])[:, 0]
             for c0 in range(0, x.shape[0], step):
                 sl = slice(c0, c0 + step)
                 ctf = self._ctf(par[sl])
-                model = refs[kb[sl] * self.psi_values.shape[0] + pb[sl] // S] * ctf
+                fy = torch.fft.fftfreq(b, 1.0 / b, device=x.device)
+                fx = torch.arange(b // 2 + 1, device=x.device)
+                model = self._sample_references(kb[sl], self.psi_values[pb[sl] // S], fy, fx) * ctf
                 model = model * fourier.phase_shift_2d(self.shift_values[pb[sl] % S], (b, b))
                 res = (torch.fft.rfft2(x[sl]) - model).abs() ** 2
                 sig += fourier.radial_average_2d(res).sum(0)
@@ -514,8 +589,10 @@ class StreamingClassifier2D:
         self.sigma2 = self.sigma2.clamp(min=1e-6 * float(self.sigma2.max()))
         self.total_weight = w_new
         self._refs_cache = None
+        self._class_ft_cache = None
         self._recentre()
         self._refs_cache = None
+        self._class_ft_cache = None
         self._update_alignment_limit()
 
     def _recentre(self):
@@ -547,29 +624,49 @@ class StreamingClassifier2D:
         if not bool(pop.any()):
             return
         shells = self._resolution_shells()[pop].float()
-        target = int(torch.quantile(shells, 0.5).item())
+        # align a few shells beyond the classes' resolution (RELION widens its limit the same way): at the limit
+        # itself the half-set FRC is cut by the alignment, so the limit would never rise
+        res = float(torch.quantile(shells, 0.5).item())
+        target = int(round(res + max(2.0, self.alignment_margin * res)))
         self.align_shell = int(min(self.b // 2, max(self.align_shell, min(target, self.align_shell + 3))))
 
     def _reseed_empty(self, x, par, half, e):
-        """Classes with (almost) no weight restart from the worst-fitting particles of the batch."""
-        w = self.weight.sum(0)
+        """Classes with (almost) no weight are re-seeded by splitting the most populated class: the batch's
+        particles of that class that fit it worst (half of them, at their poses) become the new class, so it
+        starts from a group of real images (a sub-view, or the junk hiding in a big class) instead of a single
+        noisy particle that no other particle would follow."""
+        w = self.weight.sum(0).clone()
         empty = torch.nonzero(w < 0.05 * w.sum() / self.K).flatten()
         if empty.numel() == 0:
             return
-        order = torch.argsort(e["best_ll"])  # worst first
-        for j, k in enumerate(empty.tolist()):
-            if j >= x.shape[0]:
-                break
-            i = order[j : j + 1]
+        kb, ll = e["best_class"], e["best_ll"]
+        taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for k in empty.tolist():
+            order_k = torch.argsort(w, descending=True)
+            members = None
+            for j in order_k.tolist():
+                cand = torch.nonzero((kb == j) & ~taken).flatten()
+                if cand.numel() >= 8:
+                    members = cand[torch.argsort(ll[cand])[: cand.numel() // 2]]
+                    break
+            if members is None:  # tiny batch: the worst-fitting particles left
+                free = torch.nonzero(~taken).flatten()
+                if free.numel() == 0:
+                    break
+                members = free[torch.argsort(ll[free])[:4]]
+            taken[members] = True
+            j = kb[members]
             sub = {
-                "post_class": F.one_hot(torch.tensor([k], device=x.device), self.K).float(),
-                "best_pose": e["best_pose"][i].clone(),
-                "best_class": torch.tensor([k], device=x.device),
+                "post_class": F.one_hot(torch.full_like(j, k), self.K).float(),
+                "best_pose": e["best_pose"][members].clone(),
+                "best_class": torch.full_like(j, k),
             }
-            sub["best_pose"][:, k] = e["best_pose"][i, e["best_class"][i]]
-            num, den, weight, _ = self._batch_statistics(x[i], par[i], half[i], sub)
+            sub["best_pose"][:, k] = e["best_pose"][members, j]
+            num, den, weight, _ = self._batch_statistics(x[members], par[members], half[members], sub, residuals=False)
             self.num[:, k], self.den[:, k], self.weight[:, k] = num[:, k], den[:, k], weight[:, k]
+            w[k] = weight[:, k].sum()
         self._refs_cache = None
+        self._class_ft_cache = None
 
     # ------------------------------------------------------------------ initialisation
     def _initialise(self, x, par, half):
