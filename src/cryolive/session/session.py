@@ -472,12 +472,13 @@ def accepted_particles(out: Path, store: SessionStore, settings: Settings, cache
         if ext is None:
             continue
         ext_metrics = ext_metrics or ext["metrics"]
-        if eid not in cache:
+        key = (eid, ext["outputs"]["particles_star"])  # a re-extraction writes a new file
+        if key not in cache:
             df = read_star(out / ext["outputs"]["particles_star"])["particles"].copy()
             df["_exposure_id"] = eid
             df["_index"] = np.arange(len(df))
-            cache[eid] = df
-        frames.append(cache[eid])
+            cache[key] = df
+        frames.append(cache[key])
     if not frames:
         return pd.DataFrame(), None
     return pd.concat(frames, ignore_index=True), ext_metrics

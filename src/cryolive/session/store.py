@@ -233,6 +233,11 @@ class SessionStore:
         with self._tx() as db:
             db.executemany("UPDATE exposures SET fed_2d=1 WHERE id=?", [(int(i),) for i in exposure_ids])
 
+    def mark_unfed_2d(self, exposure_ids) -> None:
+        """Feed these exposures' particles to 2D again (e.g. after re-extraction)."""
+        with self._tx() as db:
+            db.executemany("UPDATE exposures SET fed_2d=0 WHERE id=?", [(int(i),) for i in exposure_ids])
+
     # ------------------------------------------------------------------ stage results
     def record_stage(self, exposure_id: int, stage: str, settings_hash: str, metrics: dict,
                      outputs: dict | None = None) -> bool:
@@ -285,6 +290,11 @@ class SessionStore:
         rows = [(int(exposure_id), int(i), int(c)) for i, c in zip(indices, classes)]
         with self._tx() as db:
             db.executemany("INSERT OR REPLACE INTO particle_classes VALUES (?, ?, ?)", rows)
+
+    def clear_particle_classes(self, exposure_id: int) -> None:
+        """Forget the 2D classes of an exposure's particles (its particle stack changed)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM particle_classes WHERE exposure_id=?", (int(exposure_id),))
 
     def particle_classes(self, exposure_id: int) -> dict[int, int]:
         with self._lock:
