@@ -455,14 +455,14 @@ def write_exposures_star(out: Path, store: SessionStore, settings: Settings, sum
 def accepted_particles(out: Path, store: SessionStore, settings: Settings, cache: dict | None = None, summary=None):
     """Particle rows of the accepted exposures → (DataFrame with ``_exposure_id``/``_index``, extraction metrics).
 
-    ``summary``: a :class:`~.curation.CurationSummary` already made (default: decide now and record)."""
+    ``summary``: a :class:`~.curation.CurationSummary` already made (default: decide now)."""
     import pandas as pd
 
     from ..io.star import read_star
     from .curation import curate
 
     cache = {} if cache is None else cache
-    summary = curate(store, settings) if summary is None else summary
+    summary = curate(store, settings, record=False) if summary is None else summary  # recorded by write_outputs
     table = summary.table.frame
     keep = summary.decision.accepted & (table["status"] == "done").to_numpy()
     keep &= np.nan_to_num(table["particle_count"].to_numpy()) > 0
