@@ -74,22 +74,27 @@ class SessionCache:
     """Open :class:`SessionData` objects by id (opened on first use)."""
 
     def __init__(self):
+        import threading
+
         self._open: dict[str, SessionData] = {}
+        self._lock = threading.Lock()
 
     def get(self, session_id: str, out_dir: str) -> SessionData:
-        sd = self._open.get(session_id)
-        if sd is None or str(sd.out) != str(FsPath(out_dir).resolve()):
-            try:
-                sd = SessionData(session_id, out_dir)
-            except NotFound:
-                raise HTTPException(status_code=404, detail="session store missing") from None
-            self._open[session_id] = sd
-        return sd
+        with self._lock:
+            sd = self._open.get(session_id)
+            if sd is None or str(sd.out) != str(FsPath(out_dir).resolve()):
+                try:
+                    sd = SessionData(session_id, out_dir)
+                except NotFound:
+                    raise HTTPException(status_code=404, detail="session store missing") from None
+                self._open[session_id] = sd
+            return sd
 
     def close(self) -> None:
-        for sd in self._open.values():
-            sd.close()
-        self._open.clear()
+        with self._lock:
+            for sd in self._open.values():
+                sd.close()
+            self._open.clear()
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -133,9 +138,30 @@ def _clean(obj):
 
 
 # ---------------------------------------------------------------------------------------------- app
-def create_app(root: str | os.PathLike, poll_s: float = 0.5) -> FastAPI:
-    """The server over the facility registry at ``root`` (``root/server.sqlite``, see :mod:`.registry`)."""
-    app = FastAPI(title="cryolive", version="1", docs_url=None, redoc_url=None,
+def _warm(app: FastAPI) -> None:
+    """Open every registered session and build its exposure table, so the first visitor waits for nothing."""
+    for rec in app.state.registry.sessions():
+        try:
+            app.state.sessions.get(rec.id, rec.out_dir).summary()
+        except Exception:  # a missing or broken session folder: its routes will say so
+            continue
+
+
+def create_app(root: str | os.PathLike, poll_s: float = 0.5, warm: bool = True) -> FastAPI:
+    """The server over the facility registry at ``root`` (``root/server.sqlite``, see :mod:`.registry`).
+
+    ``warm``: at start-up, build every registered session's tables in a background thread."""
+    import contextlib
+    import threading
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if warm:
+            threading.Thread(target=_warm, args=(app,), daemon=True, name="cryolive-warm").start()
+        yield
+        app.state.sessions.close()
+
+    app = FastAPI(title="cryolive", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
                   dependencies=[Depends(authenticate)],
                   description="Live cryo-EM sessions: REST + WebSocket push. Every route needs a token "
                               "(Authorization: Bearer, or the cookie from POST /api/login).")

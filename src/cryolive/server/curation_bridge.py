@@ -32,13 +32,9 @@ def save_thresholds(out, store, changes: dict, user: str):
 
 
 def decide_table(columns: dict[str, np.ndarray], pending: dict[str, np.ndarray], thresholds: Thresholds,
-                 overrides: dict[int, int]):
-    """Decide every exposure of the columnar table (``columns[name] (n,)``, ``columns["id"]``) →
-    ``curation.Decision``; ``pending[name] (n,) bool``: metric not computed yet."""
-    ids = columns["id"]
+                 overrides: np.ndarray | None):
+    """Decide every exposure of the columnar table (``columns[name] (n,)``) → ``curation.Decision``;
+    ``pending[name] (n,) bool``: metric not computed yet; ``overrides (n,)``: +1 accept, -1 reject, 0 none."""
     table = {name: columns[name] for name in METRICS if name in columns}
     wait = {name: pending[name] for name in table if name in pending}
-    ov = None
-    if overrides:
-        ov = np.array([overrides.get(int(i), 0) for i in ids], dtype=np.int8)
-    return _curation.decide(table, thresholds, pending=wait or None, overrides=ov)
+    return _curation.decide(table, thresholds, pending=wait or None, overrides=overrides)

@@ -11,7 +11,6 @@ read again — so a page of 10,000 exposures costs one scan once, then a few row
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sqlite3
@@ -47,39 +46,6 @@ def _f(x) -> float:
     return v
 
 
-# metric → (stage, key in that stage's metrics); defocus_angstrom = (U + V) / 2 of the CTF stage
-_SOURCES = {
-    "astigmatism_angstrom": ("ctf", "astigmatism"),
-    "ctf_resolution_angstrom": ("ctf", "max_resolution_angstrom"),
-    "ctf_figure_of_merit": ("ctf", "figure_of_merit"),
-    "motion_total_angstrom": ("motion", "accum_motion_total"),
-    "motion_early_angstrom": ("motion", "accum_motion_early"),
-    "motion_late_angstrom": ("motion", "accum_motion_late"),
-    "ice_thickness": ("ctf", "ice_thickness_angstrom"),
-    "stage_tilt_deg": ("ctf", "stage_tilt_deg"),
-    "mean_pick_score": ("picking", "mean_pick_score"),
-    "median_pick_score": ("picking", "median_pick_score"),
-}
-
-
-def _row_metrics(stages: dict[str, dict], n_particles) -> tuple[dict[str, float], list[str]]:
-    """The dashboard's metrics of one exposure, and the names of those not computed yet (pending)."""
-    out, pending = {}, []
-    for name, (stage, key) in _SOURCES.items():
-        m = stages.get(stage)
-        if m is None or key not in m:
-            pending.append(name)
-        out[name] = _f((m or {}).get(key))
-    ctf = stages.get("ctf") or {}
-    if "defocus_u" not in ctf:
-        pending.append("defocus_angstrom")
-    out["defocus_angstrom"] = 0.5 * (_f(ctf.get("defocus_u")) + _f(ctf.get("defocus_v")))
-    if n_particles is None:
-        pending.append("particle_count")
-    out["particle_count"] = _f(n_particles)
-    return out, pending
-
-
 def _json_list(a: np.ndarray, digits: int = 4) -> list:
     """Floats rounded for the wire, NaN → None."""
     out = np.round(np.asarray(a, dtype=np.float64), digits).tolist()
@@ -104,6 +70,7 @@ class SessionData:
         self._data_version = None
         self._local_changes = 0  # commands written by this server (data_version ignores our own commits)
         self._columns_cache = None
+        self._columns_version = None
         self._images: OrderedDict = OrderedDict()  # small LRU of rendered PNGs
 
     def close(self) -> None:
@@ -129,30 +96,13 @@ class SessionData:
             if dv == self._data_version and self._rows is not None and self._watermark >= 0:
                 return []
             rows = self._db.execute("SELECT id, name, status, error, n_particles, created, updated, finished "
-                                    "FROM exposures WHERE updated >= ? ORDER BY id",
-                                    (self._watermark,)).fetchall()
+                                    "FROM exposures WHERE updated >= ? ORDER BY id", (self._watermark,)).fetchall()
             changed = []
-            ids = [r["id"] for r in rows]
-            stages: dict[int, dict] = {i: {} for i in ids}
-            for chunk in range(0, len(ids), 900):
-                part = ids[chunk: chunk + 900]
-                q = ("SELECT exposure_id, stage, metrics FROM stage_results WHERE exposure_id IN (%s) "
-                     "ORDER BY created" % ",".join("?" * len(part)))
-                for r in self._db.execute(q, part):
-                    try:
-                        stages[r["exposure_id"]][r["stage"]] = json.loads(r["metrics"])
-                    except ValueError:
-                        pass
             for r in rows:
-                st = stages[r["id"]]
-                row = {"id": int(r["id"]), "name": r["name"], "status": r["status"], "error": r["error"],
-                       "created": r["created"], "updated": r["updated"], "finished": r["finished"],
-                       "n_particles": r["n_particles"]}
-                values, pending = _row_metrics(st, r["n_particles"])
-                row.update(values)
-                row["_pending"] = pending
+                row = {k: r[k] for k in ("id", "name", "status", "error", "n_particles", "created", "updated",
+                                         "finished")}
                 old = self._rows.get(row["id"])
-                if old != row:
+                if old is None or repr(old) != repr(row):  # repr: NaN equals NaN
                     self._rows[row["id"]] = row
                     changed.append(row["id"])
                 self._watermark = max(self._watermark, float(r["updated"]))
@@ -166,23 +116,30 @@ class SessionData:
         return self.store.get_value("settings", {}) or {}
 
     def _columns(self) -> dict[str, np.ndarray]:
-        """Columnar arrays of the exposures done, in id order (cached until something changes)."""
+        """Columnar metrics of the exposures done, in id order, with ``_pending`` flags per metric (cached until
+        the store changes). From :func:`cryolive.session.curation.exposure_table` — the table the session decides
+        on, kept in the store's metrics cache, so reading 10,000 exposures is one query once the cache is warm."""
+        from ..session.curation import exposure_table
+
         self.refresh()
         with self._lock:
-            if self._columns_cache is not None:
+            version = self.version()
+            if self._columns_cache is not None and self._columns_version == version:
                 return self._columns_cache
-            done = [r for r in sorted(self._rows.values(), key=lambda r: r["id"]) if r["status"] == "done"]
-            cols = {"id": np.array([r["id"] for r in done], dtype=np.int64),
-                    "finished": np.array([_f(r["finished"]) for r in done], dtype=np.float64)}
+            table = exposure_table(self.store)
+            frame = table.frame
+            done = (frame["status"] == "done").to_numpy()
+            cols = {"id": frame["exposure_id"].to_numpy(dtype=np.int64)[done]}
             for name in METRIC_COLUMNS:
-                cols[name] = np.array([r[name] for r in done], dtype=np.float64)
-            pending = {name: np.zeros(len(done), dtype=bool) for name in METRIC_COLUMNS}
-            for i, r in enumerate(done):
-                for name in r["_pending"]:
-                    pending[name][i] = True
-            cols["_pending"] = pending
-            cols["_names"] = [r["name"] for r in done]
+                cols[name] = frame[name].to_numpy(dtype=np.float64)[done]
+            cols["_pending"] = {name: np.asarray(table.pending[name].to_numpy(), dtype=bool)[done]
+                                for name in METRIC_COLUMNS if name in table.pending}
+            cols["_overrides"] = np.asarray(table.overrides)[done]
+            cols["_names"] = [n for n, d in zip(frame["name"].tolist(), done) if d]
+            finished = {r["id"]: r["finished"] for r in self._rows.values()}
+            cols["finished"] = np.array([_f(finished.get(int(i))) for i in cols["id"]], dtype=np.float64)
             self._columns_cache = cols
+            self._columns_version = self.version()  # after exposure_table's own cache writes
             return cols
 
     def thresholds(self):
@@ -191,7 +148,7 @@ class SessionData:
     def decisions(self):
         """The columnar table and the decision on each of its exposures (current thresholds and overrides)."""
         cols = self._columns()
-        return cols, cb.decide_table(cols, cols["_pending"], self.thresholds(), self.store.overrides())
+        return cols, cb.decide_table(cols, cols["_pending"], self.thresholds(), cols["_overrides"])
 
     def exposure_table(self, since_id: int = 0) -> dict:
         """Columnar JSON of the exposures done (ids > ``since_id``), with the decision under the thresholds."""
