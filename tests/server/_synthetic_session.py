@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryolive.config import Optics, PickingSettings, Settings
+from cryolive.config import CTFSettings, Optics, PickingSettings, Settings
 from cryolive.io.mrc import write_mrc
 from cryolive.io.star import write_star
 from cryolive.session.pipeline import stage_hashes
@@ -45,7 +45,8 @@ def _synthetic_micrographs():
 
 def session_settings(pixel_size: float = 1.5, diameter: float = 150.0) -> Settings:
     return Settings(optics=Optics(pixel_size_angstrom=pixel_size), dose_per_frame=1.0,
-                    picking=PickingSettings(particle_diameter_angstrom=diameter))
+                    picking=PickingSettings(particle_diameter_angstrom=diameter),
+                    ctf=CTFSettings(tile_size_px=128))  # tiles for the small simulated micrographs
 
 
 def simulated_metrics(n: int, seed: int = 0, start_index: int = 0) -> list[dict]:
@@ -110,15 +111,16 @@ class SyntheticSession:
                 store.mark_processing(eid)
                 outputs = {"motion_star": f"motion/{name}.star"}
                 n_particles = m["n_particles"]
+                ctf_outputs = {}
                 if k < with_micrographs:
-                    outputs["micrograph"], n_particles = self._write_micrograph(name, m, i)
+                    outputs["micrograph"], n_particles, ctf_outputs = self._write_micrograph(name, m, i)
                 store.record_stage(eid, "motion", self.hashes["motion"], {
                     "seconds": 1.0, "n_frames": 40, "frame_shape": list(self.shape),
                     "accum_motion_total": m["accum_motion_total"], "accum_motion_early": m["accum_motion_early"],
                     "accum_motion_late": m["accum_motion_late"]}, outputs)
                 store.record_stage(eid, "ctf", self.hashes["ctf"], {k2: m[k2] for k2 in (
                     "defocus_u", "defocus_v", "defocus_angle_deg", "astigmatism", "max_resolution_angstrom",
-                    "figure_of_merit", "ice_thickness_angstrom", "stage_tilt_deg", "tilt_axis_deg")})
+                    "figure_of_merit", "ice_thickness_angstrom", "stage_tilt_deg", "tilt_axis_deg")}, ctf_outputs)
                 store.record_stage(eid, "picking", self.hashes["picking"], {"seconds": 0.1, "n_picks": n_particles})
                 store.record_stage(eid, "extraction", self.hashes["extraction"], {
                     "seconds": 0.1, "n_particles": n_particles, "box_size_px": 160, "output_box_size_px": 64,
@@ -137,9 +139,9 @@ class SyntheticSession:
                                   diameter_angstrom=self.settings.picking.particle_diameter_angstrom,
                                   defocus_angstrom=defocus, astigmatism_angstrom=m["astigmatism"], dose=40.0,
                                   n_particles=40, n_junk=1)
-        # the store's CTF metrics are those of this micrograph (as a good fit would find them)
-        m["defocus_u"], m["defocus_v"] = mic.ctf["defocus_u"], mic.ctf["defocus_v"]
-        m["defocus_angle_deg"] = mic.ctf["defocus_angle_deg"]
+        # the store's CTF metrics: cryolive's own fit of this micrograph, with the dashboard files the CTF stage
+        # writes (docs/CONVENTIONS.md: ctf/<movie>.star with data_ctf_profile, ctf/<movie>_diag.png)
+        ctf_outputs = self._fit_ctf(name, mic.noisy, m)
         img = mic.noisy.numpy().astype(np.float32)
         rel = f"micrographs/{name}.mrc"
         write_mrc(self.out / rel, img, px)
@@ -157,7 +159,36 @@ class SyntheticSession:
             if half <= y < img.shape[0] - half and half <= x < img.shape[1] - half:
                 # the expected image (what an average of many such particles converges to), particles white
                 self._boxes.append(-mic.noiseless.numpy()[y - half: y + half, x - half: x + half])
-        return rel, int(len(yx))
+        return rel, int(len(yx)), ctf_outputs
+
+    def _fit_ctf(self, name: str, micrograph, m: dict) -> dict:
+        import imagecodecs
+
+        from cryolive.preprocess.ctf_fit import ctf_diagnostic_image_2d, estimate_ctf
+
+        o, ctf_settings = self.settings.optics, self.settings.ctf
+        fit = estimate_ctf(micrograph, o.pixel_size_angstrom, o.voltage_kv, o.cs_mm, o.amplitude_contrast,
+                           ctf_settings)
+        m.update({"defocus_u": float(fit.defocus_u), "defocus_v": float(fit.defocus_v),
+                  "defocus_angle_deg": float(fit.defocus_angle_deg), "astigmatism": float(fit.astigmatism),
+                  "max_resolution_angstrom": float(fit.max_resolution_angstrom),
+                  "figure_of_merit": float(fit.figure_of_merit)})
+        f = np.asarray(fit.frequencies_inv_angstrom, dtype=np.float64)
+        write_star(self.out / "ctf" / f"{name}.star", {
+            "ctf": {"rlnDefocusU": m["defocus_u"], "rlnDefocusV": m["defocus_v"],
+                    "rlnDefocusAngle": m["defocus_angle_deg"], "rlnCtfAstigmatism": m["astigmatism"],
+                    "rlnCtfMaxResolution": m["max_resolution_angstrom"], "rlnCtfFigureOfMerit": m["figure_of_merit"],
+                    "rlnPhaseShift": 0.0, "rlnMicrographPixelSize": o.pixel_size_angstrom},
+            "ctf_profile": pd.DataFrame({
+                "rlnResolution": f, "rlnAngstromResolution": 1.0 / np.maximum(f, 1e-12),
+                "cryoliveCtfSpectrum": np.asarray(fit.spectrum_1d, dtype=np.float64),
+                "cryoliveCtfFit": np.asarray(fit.fit_1d, dtype=np.float64),
+                "cryoliveCtfFitCorrelation": np.asarray(fit.fit_correlation_1d, dtype=np.float64)})})
+        diag = np.asarray(ctf_diagnostic_image_2d(fit, o.pixel_size_angstrom, o.voltage_kv, o.cs_mm,
+                                                  o.amplitude_contrast, ctf_settings), dtype=np.float32)
+        (self.out / "ctf" / f"{name}_diag.png").write_bytes(
+            imagecodecs.png_encode(np.clip((diag + 3.0) * (255.0 / 6.0), 0, 255).astype(np.uint8)))
+        return {"ctf_star": f"ctf/{name}.star", "ctf_diag_png": f"ctf/{name}_diag.png"}
 
     def write_classes(self, n_classes: int = 8) -> None:
         """2D class averages from the particle boxes collected so far (as the session writes class2d/)."""

@@ -258,6 +258,8 @@ def test_a_tampered_store_cannot_point_outside_the_session(client, facility, tmp
                    (json.dumps({"micrograph": target}),))
         db.execute("UPDATE stage_results SET outputs=? WHERE exposure_id=1 AND stage='extraction'",
                    (json.dumps({"particles_star": target}),))
+        db.execute("UPDATE stage_results SET outputs=? WHERE exposure_id=1 AND stage='ctf'",
+                   (json.dumps({"ctf_star": target, "ctf_diag_png": target}),))
         db.commit()
         root = tmp_path / f"root{abs(hash(target))}"
         reg = Registry(root)

@@ -306,11 +306,20 @@ class SessionData:
         return out
 
     def power_spectrum(self, exposure_id: int, tile: int = 512) -> tuple[bytes, dict]:
-        """The micrograph's averaged power spectrum (left half) beside the fitted CTF² (right half) as a PNG,
-        and the rotational averages of both (background-flattened) for the 1D plot."""
+        """The power spectrum (left half) beside the fitted CTF² (right half) as a PNG, and the 1D profile
+        (spectrum and fit against spatial frequency) for the plot.
+
+        The CTF stage's own dashboard files (``ctf/<movie>_diag.png`` and ``ctf/<movie>.star``'s
+        ``data_ctf_profile``, docs/CONVENTIONS.md) when it wrote them; otherwise computed here from the
+        micrograph (averaged periodogram, background-flattened) and the fitted defocus."""
         ctf = self._stage(exposure_id, "ctf")
         if ctf is None:
             raise NotFound("no CTF estimate for this exposure")
+        diag_png = self._inside(ctf["outputs"].get("ctf_diag_png"))
+        ctf_star = self._inside(ctf["outputs"].get("ctf_star"))
+        if diag_png is not None and ctf_star is not None:
+            key = ("ps-files", str(diag_png), diag_png.stat().st_mtime_ns, ctf_star.stat().st_mtime_ns)
+            return self._cached(key, lambda: (diag_png.read_bytes(), _profile_from_star(ctf_star, ctf["metrics"])))
         path = self._micrograph_path(exposure_id)
         if path is None:
             raise NotFound("no micrograph for this exposure")
@@ -463,6 +472,21 @@ def _lowpass(img: np.ndarray, pixel_size_angstrom: float, resolution_angstrom: f
     filt = np.exp(-0.5 * (ky ** 2 + kx ** 2) * resolution_angstrom ** 2)
     a = img - img.mean()
     return np.fft.irfft2(np.fft.rfft2(a) * filt, s=(h, w)).astype(np.float32)
+
+
+def _profile_from_star(path: Path, metrics: dict) -> dict:
+    """The 1D CTF profile written by the CTF stage (``data_ctf_profile``)."""
+    from ..io.star import read_star
+
+    df = read_star(path)["ctf_profile"]
+    res = _f(metrics.get("max_resolution_angstrom"))
+    out = {"k_inv_angstrom": _json_list(df["rlnResolution"].to_numpy(), 5),
+           "spectrum": _json_list(df["cryoliveCtfSpectrum"].to_numpy(), 4),
+           "ctf2": _json_list(df["cryoliveCtfFit"].to_numpy(), 4),
+           "fit_resolution_angstrom": res if math.isfinite(res) else None}
+    if "cryoliveCtfFitCorrelation" in df:
+        out["correlation"] = _json_list(df["cryoliveCtfFitCorrelation"].to_numpy(), 4)
+    return out
 
 
 def _power_spectrum_figure(data: np.ndarray, ctf: dict, settings: dict, tile: int) -> tuple[bytes, dict]:

@@ -1,32 +1,18 @@
-"""PNG encoding of small images for the dashboard (no imaging library needed), and display helpers."""
+"""PNG encoding of small images for the dashboard (imagecodecs, a core dependency), and display helpers."""
 
 from __future__ import annotations
-
-import struct
-import zlib
 
 import numpy as np
 
 
 def encode_png(image: np.ndarray) -> bytes:
     """``(h, w)`` grey or ``(h, w, 3)`` RGB uint8 array → PNG bytes."""
+    import imagecodecs
+
     a = np.ascontiguousarray(image, dtype=np.uint8)
-    if a.ndim == 2:
-        colour_type, channels = 0, 1
-    elif a.ndim == 3 and a.shape[2] == 3:
-        colour_type, channels = 2, 3
-    else:
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
         raise ValueError(f"expected (h, w) or (h, w, 3), got {a.shape}")
-    h, w = a.shape[:2]
-    raw = np.zeros((h, 1 + w * channels), dtype=np.uint8)  # filter byte 0 per row
-    raw[:, 1:] = a.reshape(h, w * channels)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
-            + chunk(b"IEND", b""))
+    return imagecodecs.png_encode(a)
 
 
 def to_uint8(image: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0) -> np.ndarray:

@@ -451,10 +451,12 @@ function drawProfile(p) {
   if (!p) { c.getContext("2d").clearRect(0, 0, c.width, c.height); return; }
   const skip = Math.max(2, Math.floor(p.k_inv_angstrom.length / 40));
   const ks = p.k_inv_angstrom.slice(skip), sp = p.spectrum.slice(skip), m = p.ctf2.slice(skip);
-  const fin = sp.filter((v) => v !== null);
-  const lo = Math.min(...fin), hi = Math.max(...fin);
-  const norm = sp.map((v) => (v === null ? null : (v - lo) / (hi - lo || 1)));
-  const r = drawCurve(c, ks, [[norm, "#246"], [m, "#d33"]], [0, 1.05], "spatial frequency (1/Å)");
+  const scale = (ys) => {  // each curve to [0, 1] (spectrum and fit come on different scales)
+    const fin = ys.filter((v) => v !== null);
+    const lo = Math.min(...fin), hi = Math.max(...fin);
+    return ys.map((v) => (v === null ? null : (v - lo) / (hi - lo || 1)));
+  };
+  const r = drawCurve(c, ks, [[scale(sp), "#246"], [scale(m), "#d33"]], [0, 1.05], "spatial frequency (1/Å)");
   if (r && p.fit_resolution_angstrom) {
     const ctx = c.getContext("2d");
     const x = PAD.l + (1 / p.fit_resolution_angstrom - r.xr[0]) * r.sx;
