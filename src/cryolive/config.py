@@ -30,6 +30,21 @@ class MotionSettings(BaseModel):
     max_iterations: int = 10
     dose_weighting: bool = True
     write_no_dw: bool = False
+    # local (patch) motion, preprocess.motion_patch: patch grid (rows, columns); (1, 1) aligns globally only
+    patch_grid: tuple[int, int] = (5, 5)
+    local_bfactor_angstrom2: float | None = Field(None, description="B-factor of the patch alignment (None: "
+                                                  "bfactor_angstrom2)")
+    patch_size_factor: float = Field(2.0, gt=0, description="patch side in grid cells (2: half-overlapping)")
+    local_time_degree: int = Field(3, ge=1, description="polynomial degree in time of the local motion model")
+    local_smoothness: float = Field(0.0, ge=0, description="curvature penalty on the local field across the control grid")
+    local_max_iterations: int = Field(6, ge=1)
+    local_frame_group: int | None = Field(None, ge=1, description="consecutive frames summed per patch "
+                                          "measurement (None: about 2 e/Å² per group)")
+    max_local_shift_px: float = Field(12.0, gt=0, description="largest residual shift searched per patch, px")
+    warp_group_tolerance_px: float = Field(0.2, gt=0, description="frames warped together when their local "
+                                           "fields differ by less than this, px")
+    power_spectrum: bool = False
+    power_spectrum_tile_px: int = 512
 
 
 class CTFSettings(BaseModel):

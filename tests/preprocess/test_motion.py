@@ -75,8 +75,12 @@ def test_sums_frc_and_dose_weighting():
     assert math.isclose(float(res.micrograph_nodw.mean()), float(frames.sum(0).mean()), rel_tol=1e-4)
     high = slice(50, 150)  # 10–3.4 Å: damage matters (measured gain ≈ 0.014 over 3 seeds)
     assert float(frc_dw[high].mean()) > float(frc_aligned[high].mean()) + 0.005
-    # noise power per frequency stays that of the plain sum (DW at most slightly below)
-    assert 0.7 < float(res.micrograph.var() / res.micrograph_nodw.var()) <= 1.01
+    # noise power per frequency stays that of the plain sum (DW at most slightly below); measured on the
+    # global-only sums, exact Fourier shifts (the local warp's interpolation damps the plain sum's high
+    # frequencies, mostly noise, a little more than the dose-weighted sum's)
+    glob = align_movie(frames, 1.0, 1.0, settings=MotionSettings(patch_grid=(1, 1)))
+    assert glob.local_motion is None
+    assert 0.7 < float(glob.micrograph.var() / glob.micrograph_nodw.var()) <= 1.01
 
 
 def test_inputs_not_modified_and_accumulated_motion():

@@ -1,4 +1,4 @@
-"""Global (full-frame) motion correction of a movie, dose-weighted summation and defect correction.
+"""Motion correction of a movie (full-frame, then local by patches), dose-weighted summation, defect correction.
 
 Conventions (see docs/CONVENTIONS.md): frames are ``(t, h, w)`` float32 tensors of gain-corrected counts,
 row 0 first. ``shifts_yx_px[t]`` is the displacement of the specimen in frame ``t`` relative to frame 1
@@ -18,13 +18,15 @@ Method
 4. Steps 2–3 repeat with the updated reference until the shifts change by less than 0.01 px or
    ``settings.max_iterations`` is reached. An optional smoothness prior (``smoothness > 0``) regularises the
    trajectory with a second-difference penalty, useful at very low dose per frame.
-5. Optionally (``n_patches ≥ 3``): real specimens also move locally, and a whole-frame correlation follows
-   the strongest features. So (images ≥ 576 px) the globally aligned frames are cut into half-overlapping patches, each patch gets its
-   own leave-one-out residual trajectory, and the patch trajectories are averaged with equal weight: the
-   result is the motion of the image as a whole. (Full patch motion with a local model is a later stage.)
+5. Local motion (``settings.patch_grid`` other than ``(1, 1)``): per-patch trajectories against leave-one-out
+   patch references and a smooth spatio-temporal model fitted robustly to them, iterated to convergence
+   (:mod:`cryolive.preprocess.motion_patch`). The global trajectory stays that of the whole frame; the model
+   is the residual ``L_t(y, x)`` on top of it (``MotionResult.local_motion``).
 6. The aligned frames are summed plainly and with dose weights (Grant & Grigorieff 2015): frame ``t``
    gets ``q_t(k) · sqrt(T / Σ_t q_t(k)²)``, with ``q_t = ctf.dose_filter_2d`` at the frame's mid exposure,
    so each frequency keeps the noise power of the plain sum and the mean (DC, q = 1) equals the plain sum's.
+   Frames are shifted by ``−s_t`` exactly (Fourier phase) and then, with local motion, warped by their residual
+   field (bicubic), frames with nearly the same field together.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ from dataclasses import dataclass
 import torch
 
 from ..config import MotionSettings
-from ..ctf import dose_filter_2d
-from ..fourier import good_fft_size, phase_shift_2d
+from ..fourier import good_fft_size
+from .motion_patch import LocalMotionModel, estimate_local_motion, sum_frames_local
 
 __all__ = [
     "MotionResult",
+    "LocalMotionModel",
     "align_movie",
+    "tile_power_spectrum",
     "accumulated_motion",
     "detect_hot_pixels",
     "correct_defects",
@@ -58,10 +62,16 @@ class MotionResult:
     micrograph: ``(h, w)`` aligned, dose-weighted sum (same mean as the plain sum); equals the plain sum
         when dose weighting is switched off.
     micrograph_nodw: ``(h, w)`` aligned plain sum.
-    power_spectrum: optional ``(h, w//2+1)`` power spectrum; not computed by the global aligner (None).
-    accum_motion_total/early/late: RELION's accumulated motion, Å (sum of frame-to-frame displacements;
-        early = displacements while the exposure is ≤ 4 e/Å², late = the rest).
-    n_iterations: alignment iterations used.
+    power_spectrum: ``(n, n//2+1)`` power spectrum of the plain sum averaged over half-overlapping tiles
+        (:func:`tile_power_spectrum`, ``settings.power_spectrum_tile_px``), or None unless
+        ``settings.power_spectrum``.
+    accum_motion_total/early/late: RELION's accumulated motion, Å (sum of frame-to-frame displacements of the
+        global trajectory; early = displacements while the exposure is ≤ 4 e/Å², late = the rest).
+    n_iterations: global alignment iterations used.
+    local_motion: the :class:`LocalMotionModel` (residual field on top of ``shifts_yx_px``; its
+        ``shifts_at(coords)`` gives ``(t, n, 2)`` px), or None when aligned globally only.
+    max_local_deviation_angstrom: largest deviation of the local motion from the frame's mean motion over the
+        patch centres and frames, Å (0 without local motion).
     """
 
     shifts_yx_px: torch.Tensor
@@ -72,6 +82,17 @@ class MotionResult:
     accum_motion_early: float
     accum_motion_late: float
     n_iterations: int
+    local_motion: LocalMotionModel | None = None
+    max_local_deviation_angstrom: float = 0.0
+
+    def shifts_at(self, coords_yx_px: torch.Tensor) -> torch.Tensor:
+        """Total specimen displacement ``(t, n, 2)`` (px, y x) at positions ``coords_yx_px (n, 2)`` of frame 1:
+        the global trajectory plus the local residual."""
+        coords = torch.as_tensor(coords_yx_px, dtype=torch.float32, device=self.shifts_yx_px.device).reshape(-1, 2)
+        total = self.shifts_yx_px[:, None, :].expand(-1, coords.shape[0], -1)
+        if self.local_motion is None:
+            return total.clone()
+        return total + self.local_motion.shifts_at(coords).to(total.device)
 
 
 def _alignment_crop(shape: tuple[int, int], pixel_size_angstrom: float, bfactor: float) -> tuple[int, int]:
@@ -121,7 +142,8 @@ def _separable_phase(s: torch.Tensor, ky1: torch.Tensor, kx1: torch.Tensor) -> t
 
 
 def _refine_peaks(
-    cps: torch.Tensor, ky1: torch.Tensor, kx1: torch.Tensor, mult: torch.Tensor, s0: torch.Tensor, step_px: float
+    cps: torch.Tensor, ky1: torch.Tensor, kx1: torch.Tensor, mult: torch.Tensor, s0: torch.Tensor, step_px: float,
+    n_steps: int = 4,
 ) -> torch.Tensor:
     """Newton refinement of the maxima of ``f(s) = Σ_k Re(C(k) e^{2πi k·s})``.
 
@@ -132,7 +154,7 @@ def _refine_peaks(
     two_pi = 2.0 * math.pi
     c = cps * mult
     s = s0.clone()
-    for _ in range(4):
+    for _ in range(n_steps):
         z = c * _separable_phase(s, ky1, kx1)
         re, im = z.real, z.imag
         re_r, im_r = re.sum(-1), im.sum(-1)  # (n, ny)
@@ -158,87 +180,6 @@ def _refine_peaks(
     off = s - s0
     too_far = off.norm(dim=-1) > 1.5 * step_px
     return torch.where(too_far[:, None], s0, s)
-
-
-def _tukey_2d(n: int, m: int, device, edge_fraction: float = 0.15) -> torch.Tensor:
-    """Separable window ``(n, m)``: 1 in the centre, raised-cosine edges of ``edge_fraction`` of the size."""
-    def one(k):
-        e = max(1, int(round(edge_fraction * k)))
-        w = torch.ones(k, device=device)
-        ramp = 0.5 * (1 - torch.cos(math.pi * (torch.arange(e, device=device, dtype=torch.float32) + 0.5) / e))
-        w[:e] = ramp
-        w[k - e :] = ramp.flip(0)
-        return w
-    return one(n)[:, None] * one(m)[None, :]
-
-
-def _patch_average_residual(
-    small: torch.Tensor,
-    shifts: torch.Tensor,
-    ky: torch.Tensor,
-    kx: torch.Tensor,
-    full_shape: tuple[int, int],
-    crop_shape: tuple[int, int],
-    n_patches: int,
-    weight_fn,
-    pixel_size_angstrom: float,
-    max_shift_px: float,
-) -> torch.Tensor:
-    """Equal-weight mean over ``(2·n_patches − 1)²`` half-overlapping patches of their residual trajectories.
-
-    Returns ``(t, 2)`` full px (defined up to a constant).
-
-    small: ``(t, hc, wc//2+1)`` low-frequency transforms of the frames; shifts: ``(t, 2)`` current
-    trajectory. Every patch (tapered, of the frames aligned by −s_t) gets its own residual trajectory by the
-    same leave-one-out, B-weighted, Newton-refined alignment as the whole frame, so that each patch's
-    reference follows that patch's own (local) motion.
-    """
-    (h, w), (hc, wc) = full_shape, crop_shape
-    t = small.shape[0]
-    img = torch.fft.irfft2(small * _separable_phase(shifts, ky[:, 0], kx[0]), s=(hc, wc))  # (t, hc, wc), low-passed
-    ref = img.sum(0, keepdim=True) - img  # leave-one-out references
-    py, px = (hc // n_patches) // 2 * 2, (wc // n_patches) // 2 * 2
-    # half-overlapping patches: (2P−1)² of them, so that every part of the image weighs about the same
-    n_pos = 2 * n_patches - 1
-    ys = torch.linspace(0, hc - py, n_pos).round().long().tolist()
-    xs = torch.linspace(0, wc - px, n_pos).round().long().tolist()
-    n_p = len(ys) * len(xs)
-
-    def cut(x):  # (t, hc, wc) -> (t * n_p, py, px)
-        x = torch.stack([x[:, y : y + py, xx : xx + px] for y in ys for xx in xs], 1).reshape(-1, py, px)
-        return x - x.mean(dim=(-2, -1), keepdim=True)
-
-    win = _tukey_2d(py, px, small.device)
-    fa = torch.fft.rfft2(cut(img) * win).reshape(t, n_p, py, px // 2 + 1)
-    # frequencies in cycles per *crop* pixel; one crop pixel is (h/hc, w/wc) full pixels
-    sy, sx = h / hc, w / wc
-    pky = torch.fft.fftfreq(py, device=small.device)
-    pkx = torch.fft.rfftfreq(px, device=small.device)
-    k2 = ((pky[:, None] / sy) ** 2 + (pkx[None, :] / sx) ** 2) / pixel_size_angstrom**2
-    wgt = weight_fn(k2)
-    wgt[0, 0] = 0.0
-    mult = _rfft_weights(py, px, small.device)
-    gy = torch.fft.fftfreq(py, d=1.0 / py, device=small.device)
-    gx = torch.fft.fftfreq(px, d=1.0 / px, device=small.device)
-    window = ((gy[:, None] * sy) ** 2 + (gx[None, :] * sx) ** 2) <= max_shift_px**2
-    # per-patch leave-one-out alignment of the residual trajectories r (t, n_p, 2), crop px
-    r = torch.zeros(t, n_p, 2, device=small.device)
-    for _ in range(6):
-        aligned = fa * _separable_phase(r, pky, pkx)
-        ref = aligned.sum(0, keepdim=True) - aligned
-        cps = (fa * ref.conj() * wgt).reshape(-1, py, px // 2 + 1)
-        cc = torch.fft.irfft2(cps, s=(py, px))
-        cc = torch.where(window, cc, torch.full_like(cc, -torch.inf))
-        idx = cc.flatten(1).argmax(1)
-        s0 = torch.stack([gy[idx // px], gx[idx % px]], -1)
-        new = _refine_peaks(cps, pky, pkx, mult, s0, 1.0).reshape(t, n_p, 2)
-        new = new - new.mean(0, keepdim=True)  # the common offset of a patch is not observable
-        change = float((new - r).norm(dim=-1).max()) * max(sy, sx)
-        r = new
-        if change < 0.01:
-            break
-    r = r * torch.tensor([sy, sx], device=small.device)
-    return r.mean(1)
 
 
 def _smooth_trajectory(shifts: torch.Tensor, smoothness: float) -> torch.Tensor:
@@ -278,25 +219,19 @@ def align_movie(
     pre_exposure: float = 0.0,
     smoothness: float = 0.0,
     max_shift_px: float | None = None,
-    n_patches: int = 1,
-    max_local_shift_px: float = 12.0,
 ) -> MotionResult:
-    """Align the frames of a movie globally and sum them (plain and dose-weighted).
+    """Align the frames of a movie (globally, then locally by patches) and sum them (dose-weighted and plain).
 
-    frames: ``(t, h, w)`` gain-corrected counts (any real dtype; computed in float32 on ``frames.device``).
+    frames: ``(t, h, w)`` gain-corrected counts (any real dtype; computed in float32 on ``frames.device``,
+        which is the device everything runs on).
     pixel_size_angstrom: Å/px; dose_per_frame: e/Å² per frame; voltage_kv: kV (for the dose filter);
     pre_exposure: e/Å² received before frame 1.
-    settings: ``bfactor_angstrom2`` (weight ``exp(-B k²/4)`` on the cross power spectrum),
-        ``max_iterations``, ``dose_weighting``.
-    smoothness: weight λ of a second-difference prior on the trajectory (0: none; ~1–10 at very low dose).
-    max_shift_px: largest shift searched relative to the reference (default: a quarter of the frame).
-    n_patches: after the whole-frame alignment, the frame is cut into patches of 1/``n_patches`` of its
-        size (half-overlapping, ``(2·n_patches − 1)²`` of them; fewer when patches would be smaller than
-        192 px, none below 3 per axis) whose residual trajectories are averaged with equal weight, so that the trajectory is the motion of the
-        image as a whole rather than of its strongest features (which may move locally); ≤ 1 disables
-        (the default: on simulated movies with 3 Å local motion the whole-frame estimate was as accurate,
-        0.15 px RMS against 0.19 px over 8 movies, at a fifth of the time).
-    max_local_shift_px: largest residual shift searched per patch, px.
+    settings (:class:`cryolive.config.MotionSettings`): ``bfactor_angstrom2`` (weight ``exp(-B k²/4)`` on the
+        cross power spectra), ``max_iterations`` (global), ``patch_grid`` ``(ny, nx)`` (``(1, 1)``: global only),
+        ``local_time_degree``, ``local_smoothness``, ``local_max_iterations``, ``max_local_shift_px``,
+        ``dose_weighting``, ``power_spectrum`` (also return the tile-averaged power spectrum of the plain sum).
+    smoothness: weight λ of a second-difference prior on the global trajectory (0: none; ~1–10 at very low dose).
+    max_shift_px: largest global shift searched relative to the reference (default: a quarter of the frame).
 
     Returns a :class:`MotionResult`; the inputs are not modified.
     """
@@ -318,6 +253,7 @@ def align_movie(
     for i in range(0, t, _CHUNK):
         ft = torch.fft.rfft2(frames[i : i + _CHUNK].to(torch.float32))
         small[i : i + _CHUNK] = _crop_rfft(ft, h, hc, wc)
+    del ft
     # integer-grid step of the cropped correlation map in full-size pixels, and its search window
     step_y, step_x = h / hc, w / wc
     gy = torch.fft.fftfreq(hc, d=1.0 / hc, device=dev) * step_y  # (hc,) full px
@@ -326,6 +262,7 @@ def align_movie(
 
     shifts = torch.zeros(t, 2, dtype=torch.float32, device=dev)
     n_iter = 0
+    local = None
     if t > 1:
         for n_iter in range(1, settings.max_iterations + 1):
             # frame t aligned: shift by -s_t
@@ -345,61 +282,59 @@ def align_movie(
             shifts = new
             if change < 0.01:
                 break
-        n_patches = min(n_patches, min(h, w) // _MIN_PATCH_PX)
-        if n_patches >= 3:  # two patches per axis carry more noise than they remove bias
-            corr = _patch_average_residual(small, shifts, ky, kx, (h, w), (hc, wc), n_patches,
-                                           weight_fn=lambda k2p: torch.exp(-settings.bfactor_angstrom2 * k2p / 4.0),
-                                           pixel_size_angstrom=pixel_size_angstrom,
-                                           max_shift_px=max_local_shift_px)
-            shifts = _smooth_trajectory(shifts + corr, smoothness)
-            shifts = shifts - shifts[0:1]
+        del aligned, total, ref, cps, cc
+        grid = _usable_patch_grid((h, w), tuple(settings.patch_grid))
+        if grid[0] * grid[1] > 1 and t >= 3:
+            local = estimate_local_motion(
+                small, shifts, (h, w), (hc, wc), pixel_size_angstrom,
+                settings.local_bfactor_angstrom2 or settings.bfactor_angstrom2,
+                patch_grid=grid, time_degree=min(settings.local_time_degree, t - 1),
+                smoothness=settings.local_smoothness, max_iterations=settings.local_max_iterations,
+                max_local_shift_px=settings.max_local_shift_px, patch_size_factor=settings.patch_size_factor,
+                frame_group=settings.local_frame_group or max(1, round(2.0 / max(dose_per_frame, 1e-6))))
+    del small
 
-    mic, mic_nodw = _sum_frames(frames, shifts, pixel_size_angstrom, dose_per_frame, voltage_kv,
-                                pre_exposure, settings.dose_weighting)
+    mic, mic_nodw = sum_frames_local(frames, shifts, local, pixel_size_angstrom, dose_per_frame, voltage_kv,
+                                     pre_exposure, settings.dose_weighting, want_plain=True,
+                                     group_tolerance_px=settings.warp_group_tolerance_px, chunk=_CHUNK)
+    if mic is None:
+        mic = mic_nodw.clone()
+    power = tile_power_spectrum(mic_nodw, settings.power_spectrum_tile_px) if settings.power_spectrum else None
     total_m, early_m, late_m = accumulated_motion(shifts, pixel_size_angstrom, dose_per_frame, pre_exposure)
     return MotionResult(
         shifts_yx_px=shifts,
         micrograph=mic,
         micrograph_nodw=mic_nodw,
-        power_spectrum=None,
+        power_spectrum=power,
         accum_motion_total=total_m,
         accum_motion_early=early_m,
         accum_motion_late=late_m,
         n_iterations=n_iter,
+        local_motion=local,
+        max_local_deviation_angstrom=(local.max_deviation_px() * pixel_size_angstrom) if local is not None else 0.0,
     )
 
 
-def _sum_frames(
-    frames: torch.Tensor,
-    shifts: torch.Tensor,
-    pixel_size_angstrom: float,
-    dose_per_frame: float,
-    voltage_kv: float,
-    pre_exposure: float,
-    dose_weighting: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Aligned dose-weighted and plain sums ``(h, w)`` of ``frames (t, h, w)`` shifted by ``−shifts``."""
-    t, h, w = frames.shape
-    dev = frames.device
-    dose = pre_exposure + dose_per_frame * (torch.arange(t, device=dev, dtype=torch.float32) + 0.5)
-    # normalisation Σ_t q_t(k)² accumulated without holding all weights at once
-    norm = torch.zeros(h, w // 2 + 1, device=dev)
-    if dose_weighting:
-        for i in range(0, t, _CHUNK):
-            norm += (dose_filter_2d(dose[i : i + _CHUNK], (h, w), pixel_size_angstrom, voltage_kv) ** 2).sum(0)
-        scale = torch.sqrt(t / norm.clamp(min=1e-30))
-    plain = torch.zeros(h, w // 2 + 1, dtype=torch.complex64, device=dev)
-    dw = torch.zeros_like(plain)
-    for i in range(0, t, _CHUNK):
-        ft = torch.fft.rfft2(frames[i : i + _CHUNK].to(torch.float32))
-        ft = ft * phase_shift_2d(-shifts[i : i + _CHUNK], (h, w))
-        plain += ft.sum(0)
-        if dose_weighting:
-            q = dose_filter_2d(dose[i : i + _CHUNK], (h, w), pixel_size_angstrom, voltage_kv)
-            dw += (ft * q).sum(0)
-    mic_nodw = torch.fft.irfft2(plain, s=(h, w))
-    mic = torch.fft.irfft2(dw * scale, s=(h, w)) if dose_weighting else mic_nodw.clone()
-    return mic, mic_nodw
+def _usable_patch_grid(shape: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+    """The patch grid, reduced where patches (twice a grid cell) would be smaller than ``_MIN_PATCH_PX``."""
+    h, w = shape
+    ny = max(1, min(int(grid[0]), (2 * h) // _MIN_PATCH_PX))
+    nx = max(1, min(int(grid[1]), (2 * w) // _MIN_PATCH_PX))
+    return ny, nx
+
+
+def tile_power_spectrum(image: torch.Tensor, tile_px: int = 512) -> torch.Tensor:
+    """Power spectrum ``(n, n//2+1)`` (rfft layout) of ``image (h, w)`` averaged over half-overlapping
+    ``n × n`` tiles (``n = min(tile_px, h, w)``, even), each with its mean removed."""
+    h, w = image.shape
+    n = min(int(tile_px), h, w)
+    n -= n % 2
+    tiles = image.unfold(0, n, n // 2).unfold(1, n, n // 2).reshape(-1, n, n)
+    tiles = tiles - tiles.mean(dim=(-2, -1), keepdim=True)
+    acc = torch.zeros(n, n // 2 + 1, device=image.device)
+    for i in range(0, tiles.shape[0], 16):
+        acc += torch.fft.rfft2(tiles[i : i + 16]).abs().square().sum(0)
+    return acc / tiles.shape[0]
 
 
 def _local_median_3x3(image: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@
 the CTF on the non-dose-weighted sum (with the defocus landscape / stage tilt when the micrograph spans at least
 two CTF tiles each way, and a relative ice thickness), picks particles, extracts them, and writes per CONTRACT.md::
 
-    OUT/motion/<movie>.star            data_general + data_global_shift (RELION layout)
+    OUT/motion/<movie>.star            data_general + data_global_shift (RELION layout), data_local_shift and
+                                       data_local_motion_model with local (patch) motion
     OUT/micrographs/<movie>.mrc        dose-weighted sum (<movie>_noDW.mrc with settings.motion.write_no_dw)
     OUT/particles/<movie>.mrcs         extracted particles (contrast inverted: particles white)
     OUT/particles/<movie>.star         their rows for OUT/particles.star
@@ -180,6 +181,37 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _local_motion_blocks(local, general: dict) -> dict:
+    """The motion STAR's local-motion tables (see :class:`cryolive.preprocess.motion_patch.LocalMotionModel`).
+
+    ``local_shift`` (RELION's columns): per frame and patch centre, the model's residual displacement to add to
+    the global shift, px. ``local_motion_model``: cryolive's model, one row per time power and control point
+    (``L_t = Σ_j z_t^j Σ_ab CatmullRom_ab(y, x) C_jab``, ``z_t = (frame − 1)/(T − 1)``, control points corner to
+    corner). ``general`` gains the model's shape; rlnMotionModelVersion stays 0 (not RELION's polynomial).
+    """
+    import pandas as pd
+
+    centres = _np(local.patch_centres_yx_px).astype(np.float64)  # (p, 2)
+    res = _np(local.shifts_at(local.patch_centres_yx_px)).astype(np.float64)  # (t, p, 2)
+    t, p = res.shape[:2]
+    shift_df = pd.DataFrame({
+        "rlnMicrographFrameNumber": np.repeat(np.arange(1, t + 1), p),
+        "rlnCoordinateX": np.tile(centres[:, 1], t), "rlnCoordinateY": np.tile(centres[:, 0], t),
+        "rlnMicrographShiftX": res[..., 1].reshape(-1), "rlnMicrographShiftY": res[..., 0].reshape(-1),
+    })
+    c = _np(local.coefficients).astype(np.float64)  # (degree, ky, kx, 2)
+    deg, ky, kx = c.shape[:3]
+    jj, yy, xx = np.meshgrid(np.arange(1, deg + 1), np.arange(ky), np.arange(kx), indexing="ij")
+    model_df = pd.DataFrame({
+        "cryoliveTimePower": jj.reshape(-1), "cryoliveControlPointRow": yy.reshape(-1),
+        "cryoliveControlPointColumn": xx.reshape(-1),
+        "cryoliveCoeffX": c[..., 1].reshape(-1), "cryoliveCoeffY": c[..., 0].reshape(-1),
+    })
+    general.update({"cryoliveLocalControlRows": int(ky), "cryoliveLocalControlColumns": int(kx),
+                    "cryoliveLocalTimeDegree": int(deg)})
+    return {"local_shift": shift_df, "local_motion_model": model_df}
+
+
 def process_exposure(path: str | os.PathLike, settings: Settings, out_dir: str | os.PathLike,
                      stages: StageFunctions | None = None,
                      expected_frame_shape: tuple[int, int] | None = None) -> ExposureOutcome:
@@ -286,7 +318,11 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
             "rlnMicrographShiftX": shifts[:, 1],
             "rlnMicrographShiftY": shifts[:, 0],
         })
-        write_star(paths["motion_star"], {"general": general, "global_shift": shift_df})
+        blocks = {"general": general, "global_shift": shift_df}
+        local = getattr(motion, "local_motion", None)
+        if local is not None:
+            blocks.update(_local_motion_blocks(local, general))
+        write_star(paths["motion_star"], blocks)
         write_mrc(paths["micrograph"], micrograph, px)
         outputs = {"motion_star": _rel(paths["motion_star"], out), "micrograph": _rel(paths["micrograph"], out)}
         if settings.motion.write_no_dw:
@@ -298,6 +334,7 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
             "accum_motion_total": _to_float(getattr(motion, "accum_motion_total", None)),
             "accum_motion_early": _to_float(getattr(motion, "accum_motion_early", None)),
             "accum_motion_late": _to_float(getattr(motion, "accum_motion_late", None)),
+            "max_local_deviation_angstrom": _to_float(getattr(motion, "max_local_deviation_angstrom", None)),
         }
         results.append(StageOutcome("motion", hashes["motion"], metrics, outputs))
 
