@@ -36,7 +36,7 @@ import numpy as np
 
 from ..config import Settings, settings_hash
 from .curation import open_session_store, recurate, stored_settings
-from .pipeline import StageFunctions, _box_sizes, movie_stem, stage_hashes
+from .pipeline import StageFunctions, _box_sizes, _np, movie_stem, stage_hashes
 from .store import SessionStore
 
 
@@ -85,14 +85,17 @@ def _find_exposure(store: SessionStore, exposure: int | str) -> int:
 
 def reextract_exposure(out: str | os.PathLike, exposure: int | str, coords_yx_px, scores=None,
                        picker: str = "manual", settings: Settings | None = None, store: SessionStore | None = None,
-                       stages: StageFunctions | None = None, write_files: bool = True) -> ReextractResult:
+                       stages: StageFunctions | None = None, write_files: bool = True,
+                       device: str = "cpu") -> ReextractResult:
     """Extract exposure ``exposure`` (id or movie name) again at ``coords_yx_px (n, 2)`` (y, x, micrograph pixels)
-    with ``scores (n,)`` (default: ones), recording it as picked by ``picker``. See the module docstring.
+    with ``scores (n,)`` (default: ones), recording it as picked by ``picker``. ``device``: where extraction runs
+    ("cpu", "cuda", ...; resolved here). See the module docstring.
 
     Raises KeyError (unknown exposure) or ValueError (exposure not done, or its micrograph / CTF missing).
     """
     import torch
 
+    from ..config import resolve_device
     from ..io.mrc import read_mrc, write_mrc
     from ..io.star import write_star
 
@@ -119,14 +122,15 @@ def reextract_exposure(out: str | os.PathLike, exposure: int | str, coords_yx_px
         if len(scores) != len(coords):
             raise ValueError(f"{len(coords)} picks but {len(scores)} scores")
         micrograph, _ = read_mrc(mic_path)
-        micrograph = torch.from_numpy(np.ascontiguousarray(micrograph, dtype=np.float32))
+        dev = resolve_device(device)
+        micrograph = torch.from_numpy(np.ascontiguousarray(micrograph, dtype=np.float32)).to(dev)
         px = settings.optics.pixel_size_angstrom
         box, out_box = _box_sizes(fns, settings)
         if len(coords):
-            ext = fns.extract_particles(micrograph, torch.as_tensor(coords, dtype=torch.float32), box, out_box,
-                                        invert_contrast=settings.extraction.invert_contrast)
-            kept = np.asarray(ext.kept, dtype=bool).reshape(-1)
-            images = np.asarray(ext.images, dtype=np.float32).reshape(-1, out_box, out_box)
+            ext = fns.extract_particles(micrograph, torch.as_tensor(coords, dtype=torch.float32, device=dev), box,
+                                        out_box, invert_contrast=settings.extraction.invert_contrast)
+            kept = _np(ext.kept).astype(bool).reshape(-1)
+            images = _np(ext.images).astype(np.float32).reshape(-1, out_box, out_box)
         else:
             kept, images = np.zeros(0, dtype=bool), np.zeros((0, out_box, out_box), np.float32)
         cm = ctf["metrics"]
@@ -140,7 +144,7 @@ def reextract_exposure(out: str | os.PathLike, exposure: int | str, coords_yx_px
             t_ck = torch.as_tensor(ck, dtype=torch.float32)
             dfs = fns.per_particle_defocus(t_ck, glob) if land is None else fns.per_particle_defocus(
                 t_ck, glob, landscape=land)
-            du, dv, da = (np.asarray(v, dtype=np.float64).reshape(n) for v in dfs)
+            du, dv, da = (_np(v).astype(np.float64).reshape(n) for v in dfs)
         else:
             du = dv = da = np.zeros(0)
         hashes = stage_hashes(settings)
