@@ -100,7 +100,8 @@ def baseline(out: Path, store, settings, thresholds):
         pm = (store.stage_result(exp.id, "picking") or {"metrics": {}})["metrics"]
         du, dv = cm.get("defocus_u"), cm.get("defocus_v")
         metric_rows.append({
-            "motion_total_angstrom": mm.get("accum_motion_total"), "motion_early_angstrom": mm.get("accum_motion_early"),
+            "motion_total_angstrom": mm.get("accum_motion_total"),
+            "motion_early_angstrom": mm.get("accum_motion_early"),
             "motion_late_angstrom": mm.get("accum_motion_late"),
             "ctf_resolution_angstrom": cm.get("max_resolution_angstrom"),
             "ctf_figure_of_merit": cm.get("figure_of_merit"),
@@ -124,7 +125,8 @@ def baseline(out: Path, store, settings, thresholds):
             "rlnAccumMotionEarly": mm.get("accum_motion_early", nan),
             "rlnAccumMotionLate": mm.get("accum_motion_late", nan), "rlnDefocusU": cm.get("defocus_u", nan),
             "rlnDefocusV": cm.get("defocus_v", nan), "rlnDefocusAngle": cm.get("defocus_angle_deg", nan),
-            "rlnCtfAstigmatism": cm.get("astigmatism", nan), "rlnCtfMaxResolution": cm.get("max_resolution_angstrom", nan),
+            "rlnCtfAstigmatism": cm.get("astigmatism", nan),
+            "rlnCtfMaxResolution": cm.get("max_resolution_angstrom", nan),
             "rlnCtfFigureOfMerit": cm.get("figure_of_merit", nan),
             "cryoliveIceThicknessAngstrom": cm.get("ice_thickness_angstrom", nan),
             "cryoliveStageTiltDeg": cm.get("stage_tilt_deg", nan), "cryoliveTiltAxisDeg": cm.get("tilt_axis_deg", nan),

@@ -200,7 +200,8 @@ def test_store_round_trip_and_older_store_gets_the_curation_tables(tmp_path):
             PRIMARY KEY (exposure_id, stage, settings_hash));
         INSERT INTO exposures (path, name, status, n_particles, created, updated)
             VALUES ('/d/a.tif', 'a', 'done', 40, 0, 0);
-        INSERT INTO stage_results VALUES (1, 'ctf', 'h', '{"max_resolution_angstrom": 6.0, "defocus_u": NaN, "defocus_v": 14000.0}', '{}', 0);
+        INSERT INTO stage_results VALUES (1, 'ctf', 'h',
+            '{"max_resolution_angstrom": 6.0, "defocus_u": NaN, "defocus_v": 14000.0}', '{}', 0);
     """)
     db.commit()
     db.close()

@@ -298,7 +298,8 @@ def decide(metrics: pd.DataFrame | Mapping[str, np.ndarray], thresholds: Thresho
     return Decision(status=status, reason_text=reason_text, bounds=bounds, failed=failed, pending_on=pending_on)
 
 
-def decide_loop(rows: list[dict], thresholds: Thresholds, overrides: list[int] | None = None) -> list[tuple[int, list[str]]]:
+def decide_loop(rows: list[dict], thresholds: Thresholds,
+                overrides: list[int] | None = None) -> list[tuple[int, list[str]]]:
     """Reference implementation, one exposure at a time (the benchmark's baseline and the tests' cross-check).
 
     ``rows``: one dict per exposure, metric name → value; a key absent or ``None`` is pending. Same semantics as
