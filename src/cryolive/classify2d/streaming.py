@@ -75,7 +75,13 @@ class Class2DSnapshot:
     ``class_distribution (K,)`` fractions summing to 1; ``resolution_angstrom (K,)`` where the FRC between the
     two half-sets of the class (odd/even particles, ``Σ CTF·X`` sums, unmasked) first falls below 0.143 (999 for
     a class with fewer than two particles in either half, as RELION writes for empty classes);
-    ``alignment_resolution_angstrom`` the current alignment limit; ``n_particles_seen`` new particles so far.
+    ``alignment_resolution_angstrom`` the current alignment limit; ``n_particles_seen`` new particles so far;
+    ``effective_sample_size (K,)`` ``(Σ w)² / Σ w²`` of the soft, forgetting-weighted particle weights (the number
+    of equally weighted particles the average is worth); ``coherence (K,)`` the weighted mean over the class's
+    particles of ρ, the correlation (in the alignment band, noise-weighted) between the CTF-modulated average at
+    the particle's pose and the particle's signal (data power minus the expected noise power): near 1 when the
+    average explains its particles, lower for classes of heterogeneous particles (junk), 0 for empty classes.
+    ``pixel_size_angstrom`` of the averages.
     """
 
     averages: torch.Tensor
@@ -84,6 +90,9 @@ class Class2DSnapshot:
     resolution_angstrom: torch.Tensor
     alignment_resolution_angstrom: float
     n_particles_seen: int
+    effective_sample_size: torch.Tensor | None = None
+    coherence: torch.Tensor | None = None
+    pixel_size_angstrom: float = 0.0
 
 
 def rotate_images_2d(images: torch.Tensor, angle_deg: torch.Tensor, oversampling: int = 1) -> torch.Tensor:
@@ -230,6 +239,8 @@ class StreamingClassifier2D:
         self.num = torch.zeros(2, K, b, b, device=dev)  # Σ w R(shift(CTF·X)), real space
         self.den = torch.zeros(2, K, b, b // 2 + 1, device=dev)  # Σ w R(CTF²)
         self.weight = torch.zeros(2, K, device=dev)  # Σ w
+        self.weight_sq = torch.zeros(2, K, device=dev)  # Σ w² (effective sample size (Σ w)² / Σ w²)
+        self.coherence_sum = torch.zeros(2, K, device=dev)  # Σ w ρ, ρ: correlation of model and particle signal
         self.sigma2 = torch.ones(self.n_shells, device=dev)  # noise power per shell
         self.total_weight = 0.0  # W: effective number of particles behind the statistics
         self.n_processed = 0  # particles processed incl. revisits (step-size schedule)
@@ -266,6 +277,8 @@ class StreamingClassifier2D:
             "num": self.num.cpu(),
             "den": self.den.cpu(),
             "weight": self.weight.cpu(),
+            "weight_sq": self.weight_sq.cpu(),
+            "coherence_sum": self.coherence_sum.cpu(),
             "sigma2": self.sigma2.cpu(),
             "total_weight": self.total_weight,
             "n_processed": self.n_processed,
@@ -289,6 +302,8 @@ class StreamingClassifier2D:
         self.num = state["num"].to(dev).float()
         self.den = state["den"].to(dev).float()
         self.weight = state["weight"].to(dev).float()
+        self.weight_sq = state.get("weight_sq", state["weight"]).to(dev).float()
+        self.coherence_sum = state.get("coherence_sum", torch.zeros_like(state["weight"])).to(dev).float()
         self.sigma2 = state["sigma2"].to(dev).float()
         self.total_weight = float(state["total_weight"])
         self.n_processed = int(state["n_processed"])
@@ -456,7 +471,7 @@ class StreamingClassifier2D:
         mult = self.mult[rows][:, :ncol]
         ref_pow = (refs_band.abs() ** 2).reshape(KP, -1)  # (KP, R·C)
         refs_band = refs_band.conj()
-        out_post, out_pose, out_best, out_ll = [], [], [], []
+        out_post, out_pose, out_best, out_ll, out_coh = [], [], [], [], []
         for c0 in range(0, x.shape[0], self.chunk_size):
             xc = x[c0 : c0 + self.chunk_size]
             n = xc.shape[0]
@@ -485,11 +500,25 @@ class StreamingClassifier2D:
             out_pose.append(best_pose)
             out_best.append(kbest)
             out_ll.append(best_pose_ll.gather(1, kbest[:, None])[:, 0])
+            if not normalized_cc:
+                # ρ = correlation of the best model with the particle's signal, whose power is estimated as the
+                # data power minus the expected noise power (one per weighted Fourier sample): ≈ 1 when the
+                # class average explains its particles, low for heterogeneous (junk) classes
+                pb = best_pose.gather(1, kbest[:, None])[:, 0]
+                kp = kbest * P + pb // S
+                cc_b = cc[torch.arange(n, device=x.device), kp, pb % S]
+                mm_b = mm[torch.arange(n, device=x.device), kp]
+                n_noise = float(((wb > 0).float() * mult).sum())
+                sig_pow = (xx - n_noise).clamp(min=1e-3 * n_noise)
+                out_coh.append((cc_b / torch.sqrt(mm_b.clamp(min=1e-12) * sig_pow)).clamp(-1, 1))
+            else:
+                out_coh.append(torch.zeros(n, device=x.device))
         return {
             "post_class": torch.cat(out_post),
             "best_pose": torch.cat(out_pose),
             "best_class": torch.cat(out_best),
             "best_ll": torch.cat(out_ll),
+            "coherence": torch.cat(out_coh),
         }
 
     def _result(self, e) -> BatchResult:
@@ -558,6 +587,11 @@ class StreamingClassifier2D:
             num.view(2 * K, b, b).index_add_(0, bin_flat[sl], cx)
             den.view(2 * K, b, b // 2 + 1).index_add_(0, bin_flat[sl], c2)
         weight.view(-1).index_add_(0, half[ii] * K + kk, ww)
+        weight_sq = torch.zeros(2, K, device=x.device)
+        weight_sq.view(-1).index_add_(0, half[ii] * K + kk, ww**2)
+        coherence = torch.zeros(2, K, device=x.device)
+        if "coherence" in e:
+            coherence.view(-1).index_add_(0, half[ii] * K + kk, ww * e["coherence"][ii])
         if refs is not None:  # residual power at the best pose → noise estimate
             kb = e["best_class"]
             pb = pose.gather(1, kb[:, None])[:, 0]
@@ -572,11 +606,11 @@ class StreamingClassifier2D:
                 sig += fourier.radial_average_2d(res).sum(0)
         else:
             sig = fourier.radial_average_2d(torch.fft.rfft2(x).abs() ** 2).sum(0)
-        return num, den, weight, sig
+        return {"num": num, "den": den, "weight": weight, "sig": sig, "weight_sq": weight_sq, "coherence": coherence}
 
     def _maximization(self, stats, n: int, gamma: float):
         """Blend batch statistics of ``n`` particles into the running ones with step size ``gamma``."""
-        num, den, weight, sig = stats
+        num, den, weight, sig = stats["num"], stats["den"], stats["weight"], stats["sig"]
         w_old = self.total_weight
         w_new = n / gamma if gamma < 1 else float(n)
         w_new = min(w_new, w_old + n) if w_old > 0 else float(n)
@@ -585,6 +619,8 @@ class StreamingClassifier2D:
         self.num = a_old * self.num + a_new * num
         self.den = a_old * self.den + a_new * den
         self.weight = a_old * self.weight + a_new * weight
+        self.weight_sq = a_old**2 * self.weight_sq + a_new**2 * stats["weight_sq"]
+        self.coherence_sum = a_old * self.coherence_sum + a_new * stats["coherence"]
         self.sigma2 = (1 - gamma) * self.sigma2 + gamma * (sig / n) if w_old > 0 else sig / n
         self.sigma2 = self.sigma2.clamp(min=1e-6 * float(self.sigma2.max()))
         self.total_weight = w_new
@@ -662,9 +698,10 @@ class StreamingClassifier2D:
                 "best_class": torch.full_like(j, k),
             }
             sub["best_pose"][:, k] = e["best_pose"][members, j]
-            num, den, weight, _ = self._batch_statistics(x[members], par[members], half[members], sub, residuals=False)
-            self.num[:, k], self.den[:, k], self.weight[:, k] = num[:, k], den[:, k], weight[:, k]
-            w[k] = weight[:, k].sum()
+            st = self._batch_statistics(x[members], par[members], half[members], sub, residuals=False)
+            self.num[:, k], self.den[:, k], self.weight[:, k] = st["num"][:, k], st["den"][:, k], st["weight"][:, k]
+            self.weight_sq[:, k], self.coherence_sum[:, k] = st["weight_sq"][:, k], 0.0
+            w[k] = st["weight"][:, k].sum()
         self._refs_cache = None
         self._class_ft_cache = None
 
@@ -848,7 +885,7 @@ class StreamingClassifier2D:
         if not self.initialised:
             return Class2DSnapshot(
                 torch.zeros(K, b, b), torch.zeros(K), torch.full((K,), 1.0 / K), torch.full((K,), 999.0),
-                self.alignment_resolution_angstrom, self.n_seen,
+                self.alignment_resolution_angstrom, self.n_seen, torch.zeros(K), torch.zeros(K), self.pixel_size,
             )
         w = self.weight.sum(0)
         shells = self._resolution_shells().float()
@@ -861,4 +898,7 @@ class StreamingClassifier2D:
             resolution_angstrom=res.cpu(),
             alignment_resolution_angstrom=self.alignment_resolution_angstrom,
             n_particles_seen=self.n_seen,
+            effective_sample_size=(w**2 / self.weight_sq.sum(0).clamp(min=1e-12)).cpu(),
+            coherence=(self.coherence_sum.sum(0) / w.clamp(min=1e-12)).cpu(),
+            pixel_size_angstrom=self.pixel_size,
         )
