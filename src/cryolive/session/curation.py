@@ -225,7 +225,6 @@ def exposures_star_frame(table: ExposureTable, decision: Decision) -> pd.DataFra
     """The ``data_micrographs`` rows of exposures.star (exposures done only), decision columns included."""
     f = table.frame
     done = (f["status"] == "done").to_numpy()
-
     micrograph = f["micrograph"].to_numpy(dtype=object)
     missing = pd.isna(micrograph)
     if missing.any():
