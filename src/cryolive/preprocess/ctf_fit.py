@@ -115,33 +115,67 @@ def _legendre_basis(x: torch.Tensor, n_terms: int) -> torch.Tensor:
     return torch.stack(out, -1)
 
 
+class _LinearFit:
+    """R² of the linear model ``y ≈ basis_bg·a + c2·(basis_env·b)`` for many trial ``c2``, with the products of
+    ``y`` and the bases that do not depend on ``c2`` computed once (see :func:`_fit_score`)."""
+
+    def __init__(self, y: torch.Tensor, basis_bg: torch.Tensor, basis_env: torch.Tensor):
+        f64 = torch.float64
+        self.bb = basis_bg.to(f64)  # (n, p)
+        self.ee = basis_env.to(f64)  # (n, q)
+        self.y = y.to(f64)
+        n = self.y.shape[0]
+        self.p, self.q = self.bb.shape[-1], self.ee.shape[-1]
+        self.be = (self.bb[:, :, None] * self.ee[:, None, :]).reshape(n, self.p * self.q)
+        self.eee = (self.ee[:, :, None] * self.ee[:, None, :]).reshape(n, self.q * self.q)
+        self.eey = self.ee * self.y[:, None]
+        self.bty = self.bb.T @ self.y
+        self.btb = self.bb.T @ self.bb
+        self.yty = self.y @ self.y
+        self.tss = ((self.y - self.y.mean()) ** 2).sum()
+        self.ee_mean = self.ee.mean(0)
+        self.eye = torch.eye(self.p + self.q, dtype=f64, device=self.y.device)
+
+    def score(self, c2: torch.Tensor, return_model: bool = False):
+        # normal equations from moments, no (..., n, p + q) design matrix: with c = c2,
+        # XᵀX = [[BᵀB, Bᵀdiag(c)E], [·, Eᵀdiag(c²)E]], Xᵀy = [Bᵀy, Eᵀdiag(c)y]
+        p, q = self.p, self.q
+        lead = c2.shape[:-1]
+        n = c2.shape[-1]
+        c = c2.reshape(-1, n).to(torch.float64)  # (m, n)
+        m = c.shape[0]
+        xtx = torch.empty(m, p + q, p + q, dtype=torch.float64, device=c.device)
+        xtx[:, :p, :p] = self.btb
+        cbe = (c @ self.be).reshape(m, p, q)
+        xtx[:, :p, p:] = cbe
+        xtx[:, p:, :p] = cbe.transpose(-1, -2)
+        xtx[:, p:, p:] = ((c * c) @ self.eee).reshape(m, q, q)
+        xty = torch.cat([self.bty.expand(m, p), c @ self.eey], -1)  # (m, p + q)
+        ridge = 1e-9 * xtx.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * self.eye
+        coef = torch.linalg.solve(xtx + ridge, xty)  # (m, p + q)
+        # residual sum of squares yᵀy − 2 coefᵀXᵀy + coefᵀXᵀX coef (exact for any coef)
+        rss = self.yty - 2 * (coef * xty).sum(-1) + (coef[:, None, :] @ xtx @ coef[:, :, None])[:, 0, 0]
+        r2 = (1 - rss / self.tss).to(torch.float32)
+        # a negative envelope would turn CTF² into 1 − CTF² (a 90° phase alias): such fits score negative
+        env_mean = coef[:, p:] @ self.ee_mean  # (m,) mean over the samples of basis_env·b
+        r2 = torch.where(env_mean > 0, r2, -r2.abs()).reshape(lead)
+        if return_model:
+            bg = (coef[:, :p] @ self.bb.T).reshape(*lead, n)
+            env = (coef[:, p:] @ self.ee.T).reshape(*lead, n)
+            return r2, bg.to(torch.float32), env.to(torch.float32)
+        return r2
+
+
 def _fit_score(y: torch.Tensor, c2: torch.Tensor, basis_bg: torch.Tensor, basis_env: torch.Tensor,
                return_model: bool = False):
     """R² of the linear model ``y ≈ basis_bg·a + c2·(basis_env·b)`` (batched over leading dims of ``c2``).
 
     Fits whose envelope ``basis_env·b`` is negative on average get ``−|R²|``.
 
-    y: ``(n,)``; c2: ``(..., n)``; basis_bg: ``(n, p)``; basis_env: ``(n, q)``.
+    y: ``(n,)``; c2: ``(..., n)``; basis_bg: ``(n, p)``; basis_env: ``(n, q)``. For many calls with the same
+    ``y`` and bases, build a :class:`_LinearFit` once.
     """
-    x = torch.cat([basis_bg.expand(*c2.shape, basis_bg.shape[-1]), c2[..., None] * basis_env], -1)
-    x64 = x.to(torch.float64)
-    y64 = y.to(torch.float64)
-    xtx = x64.transpose(-1, -2) @ x64
-    xty = (x64.transpose(-1, -2) @ y64[:, None])[..., 0]
-    ridge = 1e-9 * xtx.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(x.shape[-1], dtype=torch.float64)
-    coef = torch.linalg.solve(xtx + ridge, xty)
-    pred = (x64 @ coef[..., None])[..., 0]
-    rss = ((y64 - pred) ** 2).sum(-1)
-    tss = ((y64 - y64.mean()) ** 2).sum()
-    r2 = (1 - rss / tss).to(torch.float32)
-    # a negative envelope would turn CTF² into 1 − CTF² (a 90° phase alias): such fits score negative
-    p = basis_bg.shape[-1]
-    env = (basis_env.to(torch.float64) @ coef[..., p:, None])[..., 0]  # (..., n)
-    r2 = torch.where(env.mean(-1) > 0, r2, -r2.abs())
-    if return_model:
-        bg = (basis_bg.to(torch.float64) @ coef[..., :p, None])[..., 0]
-        return r2, bg.to(torch.float32), env.to(torch.float32)
-    return r2
+    return _LinearFit(y, basis_bg, basis_env).score(c2, return_model)
 
 
 def _gamma_2d(mean_df, a1, a2, phase_deg, k2, cos2, sin2, lam, cs):
@@ -218,6 +252,9 @@ def estimate_ctf(
     bg1, env1 = _legendre_basis(unit(kx1), _POLY_BG), _legendre_basis(unit(kx1), _POLY_ENV)
     bg2, env2 = _legendre_basis(unit(kb), _POLY_BG), _legendre_basis(unit(kb), _POLY_ENV)
 
+    fit1 = _LinearFit(y1, bg1, env1)
+    fit2 = _LinearFit(y2, bg2, env2)
+
     # --- exhaustive 1D search over the mean defocus (and phase shift) ---
     step = min(100.0, 1.0 / (8 * lam * k_hi**2))
     dfs = torch.arange(settings.min_defocus_angstrom, settings.max_defocus_angstrom + step, step, device=device)
@@ -225,7 +262,7 @@ def estimate_ctf(
     best = (-math.inf, 0.0, 0.0)
     for ph in phases:
         r2 = torch.cat([
-            _fit_score(y1, calculate_ctf_1d(dfs[i : i + 256], voltage_kv, cs_mm, q, kx1, float(ph)) ** 2, bg1, env1)
+            fit1.score(calculate_ctf_1d(dfs[i : i + 256], voltage_kv, cs_mm, q, kx1, float(ph)) ** 2)
             for i in range(0, len(dfs), 256)
         ])
         j = int(r2.argmax())
@@ -252,14 +289,14 @@ def estimate_ctf(
     start = None
     for dm in (df0 - step, df0, df0 + step):
         for i in range(len(ga1)):
-            s = float(_fit_score(y2, ctf2_2d(dm, ga1[i], ga2[i], ph0)[None], bg2, env2)[0])
+            s = float(fit2.score(ctf2_2d(dm, ga1[i], ga2[i], ph0)[None])[0])
             if start is None or s > start[0]:
                 start = (s, dm, float(ga1[i]), float(ga2[i]))
     _, dm0, a10, a20 = start
 
     def objective(p):
         ph = float(p[3]) if phase_shift else ph0
-        return -float(_fit_score(y2, ctf2_2d(float(p[0]), float(p[1]), float(p[2]), ph)[None], bg2, env2)[0])
+        return -float(fit2.score(ctf2_2d(float(p[0]), float(p[1]), float(p[2]), ph)[None])[0])
 
     x0 = [dm0, a10, a20] + ([ph0] if phase_shift else [])
     simplex_step = [step * 2, amax / 5, amax / 5] + ([10.0] if phase_shift else [])

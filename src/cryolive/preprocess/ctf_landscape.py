@@ -48,7 +48,7 @@ from scipy.optimize import minimize_scalar
 from ..config import CTFSettings
 from ..ctf import electron_wavelength_angstrom
 from ..fourier import frequency_grid_2d
-from .ctf_fit import CTFResult, _fit_score, _legendre_basis, average_power_spectrum_2d, estimate_ctf
+from .ctf_fit import CTFResult, _LinearFit, _legendre_basis, average_power_spectrum_2d, estimate_ctf
 
 __all__ = ["CTFLandscape", "IceEstimate", "SpecimenAssessment", "assess_specimen", "estimate_ctf_patches",
            "estimate_ice_thickness", "fit_defocus_plane"]
@@ -226,12 +226,13 @@ def estimate_ctf_patches(
             x0 = int(round(min(max(cx - size_x / 2, 0), w - size_x)))
             ps = average_power_spectrum_2d(img[y0 : y0 + size_y, x0 : x0 + size_x], tile)
             y = prepare(ps)
-            r2 = torch.cat([_fit_score(y, ctf2(trials[i : i + 128]), bg, env) for i in range(0, len(trials), 128)])
+            fit = _LinearFit(y, bg, env)
+            r2 = torch.cat([fit.score(ctf2(trials[i : i + 128])) for i in range(0, len(trials), 128)])
             j = int(r2.argmax())
             d_best = float(trials[j])
 
-            def neg(df, y=y):
-                return -float(_fit_score(y, ctf2(torch.tensor([df], device=dev, dtype=torch.float32)), bg, env)[0])
+            def neg(df, fit=fit):
+                return -float(fit.score(ctf2(torch.tensor([df], device=dev, dtype=torch.float32)))[0])
 
             res = minimize_scalar(neg, bounds=(d_best - step, d_best + step), method="bounded",
                                   options=dict(xatol=1.0))
