@@ -230,18 +230,20 @@ def _fill_carbon(micrograph: torch.Tensor, carbon: torch.Tensor) -> torch.Tensor
 
 def _preprocess(
     micrograph: torch.Tensor, pixel_size_angstrom: float, diameter_angstrom: float, ctf: dict | None,
-    carbon: torch.Tensor | None = None,
+    carbon: torch.Tensor | None = None, working_pixel_size_angstrom: float | None = None,
 ) -> tuple[torch.Tensor, float, tuple[float, float], torch.Tensor, tuple[int, int]]:
     """Downsample and negate → (rfft2 of the negated working image (nh, nw//2+1), the phase flip ±1 of the
     same shape (the sign of the CTF, or ones), working pixel size (Å), (scale_y, scale_x) micrograph px per
     working px, |k| (1/Å) of the rfft grid,
-    working shape (nh, nw)). ``carbon (h, w)`` bool: pixels replaced by noise (see :func:`_fill_carbon`)."""
+    working shape (nh, nw)). ``carbon (h, w)`` bool: pixels replaced by noise (see :func:`_fill_carbon`).
+    ``working_pixel_size_angstrom``: default diameter / ``WORKING_PIXELS_PER_DIAMETER``."""
     h, w = micrograph.shape[-2:]
     if carbon is not None:
         img = _fill_carbon(micrograph, carbon)
     else:
         img = _subtract_plane(micrograph.to(torch.float32))
-    target = max(pixel_size_angstrom, diameter_angstrom / WORKING_PIXELS_PER_DIAMETER)
+    target = working_pixel_size_angstrom or diameter_angstrom / WORKING_PIXELS_PER_DIAMETER
+    target = max(pixel_size_angstrom, target)
     nh = min(_even(h * pixel_size_angstrom / target), h - h % 2)
     nw = min(_even(w * pixel_size_angstrom / target), w - w % 2)
     if (nh, nw) != (h, w):
