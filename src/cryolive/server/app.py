@@ -20,6 +20,7 @@ import asyncio
 import math
 import os
 from pathlib import Path as FsPath
+from urllib.parse import urlsplit
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Response, WebSocket, WebSocketDisconnect
 from fastapi.dependencies.models import Dependant
@@ -52,6 +53,12 @@ def authenticate(conn: HTTPConnection) -> str:
     """The user behind the request's token; 401 (WebSocket: close 1008) without a valid one."""
     registry: Registry = conn.app.state.registry
     user = registry.authenticate(_token(conn))
+    if conn.scope.get("type") == "websocket":
+        # a browser sends the cookie with a WebSocket opened by any page of the same site (another port of this
+        # host, say): only pages served by this server may open one
+        origin = conn.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != conn.headers.get("host"):
+            raise WebSocketException(code=1008, reason="cross-origin WebSocket refused")
     if user is None:
         if conn.scope.get("type") == "websocket":
             raise WebSocketException(code=1008, reason="not authenticated")
@@ -309,28 +316,31 @@ def create_app(root: str | os.PathLike, poll_s: float = 0.5, warm: bool = True) 
     # -------------------------------------------------------------- push
     @app.websocket("/api/sessions/{session_id}/ws")
     async def session_ws(websocket: WebSocket, sd: SessionData = Depends(session_access),
-                         since_id: int = Query(0, ge=0, le=2**62)):
-        """Pushes ``{"type": "update", "summary", "exposures" (new rows, columnar), "decisions"?}`` whenever the
-        store changes (polled server-side every ``poll_s``); the client sends nothing but may close."""
+                         since_id: int = Query(0, ge=0, le=2**62, description="skip exposures up to this id")):
+        """Pushes ``{"type": "update", "summary", "exposures", "decisions"?, "thresholds"?}`` whenever the store
+        changes (polled server-side every ``poll_s``). ``exposures``: the rows done that this connection has not
+        sent yet (columnar; the first message has them all), whatever order they finished in. ``decisions`` (every
+        exposure's status and reasons) and ``thresholds`` come first and whenever thresholds or manual overrides
+        change. The client sends nothing but may close."""
         await websocket.accept()
         last_version = None
-        last_id = since_id
-        last_thresholds = None
+        sent: set[int] = set()
+        last_curation = None
         try:
             while True:
                 version = await asyncio.to_thread(sd.version)
                 if version != last_version:
                     last_version = version
-                    table = await asyncio.to_thread(sd.exposure_table, last_id)
+                    table = await asyncio.to_thread(sd.exposure_table, since_id, sent)
                     summary = await asyncio.to_thread(sd.summary)
-                    thresholds = await asyncio.to_thread(lambda: sd.thresholds().model_dump())
+                    curation = await asyncio.to_thread(lambda: (sd.store.curation_version(),
+                                                                sd.thresholds().model_dump()))
                     msg = {"type": "update", "summary": _clean(summary), "exposures": table}
-                    if thresholds != last_thresholds:  # first message, or thresholds changed
+                    if curation != last_curation:  # first message, or thresholds / overrides changed
                         msg["decisions"] = await asyncio.to_thread(sd.decision_arrays)
-                        msg["thresholds"] = thresholds
-                    last_thresholds = thresholds
-                    if table["ids"]:
-                        last_id = max(last_id, max(table["ids"]))
+                        msg["thresholds"] = curation[1]
+                    last_curation = curation
+                    sent.update(table["ids"])
                     await websocket.send_json(msg)
                 try:
                     await asyncio.wait_for(websocket.receive_text(), timeout=websocket.app.state.poll_s)

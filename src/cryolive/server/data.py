@@ -150,10 +150,13 @@ class SessionData:
         cols = self._columns()
         return cols, cb.decide_table(cols, cols["_pending"], self.thresholds(), cols["_overrides"])
 
-    def exposure_table(self, since_id: int = 0) -> dict:
-        """Columnar JSON of the exposures done (ids > ``since_id``), with the decision under the thresholds."""
+    def exposure_table(self, since_id: int = 0, exclude: set[int] | None = None) -> dict:
+        """Columnar JSON of the exposures done (ids > ``since_id``, and not in ``exclude``), with the decision
+        under the current thresholds."""
         cols, dec = self.decisions()
         sel = cols["id"] > int(since_id)
+        if exclude:
+            sel &= ~np.isin(cols["id"], np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
         out = {"ids": cols["id"][sel].tolist(), "finished": _json_list(cols["finished"][sel], 3),
                "names": [n for n, s in zip(cols["_names"], sel) if s]}
         out["metrics"] = {name: _json_list(cols[name][sel]) for name in METRIC_COLUMNS}

@@ -89,23 +89,18 @@ async function openSession(id) {
   $("where").textContent = id;
   buildMetricPanels();
   const base = `/api/sessions/${id}`;
-  const [summary, table, thr, classes] = await Promise.all([
-    api(base), api(`${base}/exposures`), api(`${base}/thresholds`), api(`${base}/classes`)]);
-  state.ids = table.ids; state.finished = table.finished; state.names = table.names;
-  state.metrics = table.metrics; state.status = table.status; state.reasons = table.reasons;
-  state.thresholds = thr.thresholds;
+  Object.assign(state, { ids: [], finished: [], names: [], metrics: {}, status: [], reasons: [], current: null });
+  connect(id);  // the exposure table comes with the WebSocket's first message, then only what is new
+  const [summary, thr, classes] = await Promise.all([api(base), api(`${base}/thresholds`), api(`${base}/classes`)]);
+  if (!state.ids.length) state.thresholds = thr.thresholds;
   setSummary(summary);
-  drawAll();
   setClasses(classes);
-  if (state.ids.length) selectExposure(state.ids[state.ids.length - 1]);
   show3D(summary);
-  connect(id);
 }
 
 function connect(id) {
   const proto = location.protocol === "https:" ? "wss" : "ws";
-  const last = state.ids.length ? state.ids[state.ids.length - 1] : 0;
-  const ws = new WebSocket(`${proto}://${location.host}/api/sessions/${id}/ws?since_id=${last}`);
+  const ws = new WebSocket(`${proto}://${location.host}/api/sessions/${id}/ws`);
   state.ws = ws;
   ws.onopen = () => $("live").classList.add("on");
   ws.onclose = () => {
@@ -131,7 +126,7 @@ function onUpdate(msg) {
   if (msg.thresholds && !state.drag) state.thresholds = msg.thresholds;
   setSummary(msg.summary);
   drawAll();
-  if (added && $("follow").checked) selectExposure(state.ids[state.ids.length - 1]);
+  if (added && ($("follow").checked || state.current === null)) selectExposure(state.ids[state.ids.length - 1]);
   if (msg.summary.class2d && msg.summary.class2d.n_classes !== state.classes.length) refreshClasses();
   show3D(msg.summary);
 }
