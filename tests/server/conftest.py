@@ -16,8 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
+try:  # the server's dependencies come with the test extra; without them the server tests are not collected
+    import fastapi  # noqa: F401
+    import httpx  # noqa: F401
+except ImportError:  # pragma: no cover
+    collect_ignore_glob = ["test_*.py"]
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _synthetic_session import SyntheticSession  # noqa: E402

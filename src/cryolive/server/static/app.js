@@ -481,7 +481,9 @@ function setClasses(data) {
     img.style.backgroundPosition = `-${90 * i}px 0`;
     d.appendChild(img);
     const cap = document.createElement("div");
-    cap.textContent = `#${c.number} · ${c.particles ?? "–"} · ${c.resolution_angstrom ? c.resolution_angstrom.toFixed(0) + " Å" : "–"}`;
+    const n = c.particles === null ? "–" : Math.round(c.particles);
+    cap.textContent = `#${c.number} · ${n} · ${c.resolution_angstrom ? c.resolution_angstrom.toFixed(0) + " Å" : "–"}`;
+    cap.title = "class number · particles · estimated resolution";
     d.appendChild(cap);
     d.addEventListener("click", () => {
       if (state.selection.has(c.number)) state.selection.delete(c.number); else state.selection.add(c.number);
