@@ -9,7 +9,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Optics(BaseModel):
@@ -69,6 +69,23 @@ class PickingSettings(BaseModel):
     particle_diameter_angstrom: float = 150.0
     threshold: float | None = None
     max_picks_per_micrograph: int = 2000
+    picker: Literal["blob", "template", "learned"] = Field(
+        "blob", description="blob (reference-free), template (templates_path) or learned (learned_model_path)"
+    )
+    templates_path: str | None = Field(
+        None, description="MRC stack of templates (2D class averages or projections, particles white)"
+    )
+    templates_pixel_size_angstrom: float | None = Field(None, gt=0, description="None: from the MRC header")
+    template_angle_step_deg: float = Field(10.0, gt=0, le=180, description="in-plane rotation step, degrees")
+    learned_model_path: str | None = Field(None, description="a LearnedPicker saved with LearnedPicker.save")
+
+    @model_validator(mode="after")
+    def _picker_inputs(self):
+        if self.picker == "template" and not self.templates_path:
+            raise ValueError("picker 'template' needs templates_path (an MRC stack of templates)")
+        if self.picker == "learned" and not self.learned_model_path:
+            raise ValueError("picker 'learned' needs learned_model_path (a model saved by LearnedPicker.save)")
+        return self
 
 
 class ExtractionSettings(BaseModel):
