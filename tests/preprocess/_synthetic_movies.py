@@ -116,3 +116,57 @@ def simulate_micrograph(shape=(1024, 1024), pixel_size_angstrom=1.0, total_dose=
     img = 1.0 - 2.0 * torch.fft.irfft2(torch.fft.rfft2(phase) * ctf, s=(h, w))
     g = torch.Generator().manual_seed(seed + 11)
     return torch.poisson((total_dose * pixel_size_angstrom**2 * img).clamp(min=0), generator=g)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Movies from cryolive.simulate with local motion, and the true displacement field
+
+
+def simulated_movie_with_local_motion(size=768, n_frames=40, pixel_size_angstrom=1.0, dose_per_frame=1.0,
+                                      max_drift_angstrom=20.0, local_motion_angstrom=3.0, seed=0, noise=True):
+    """A :mod:`cryolive.simulate` movie (atomic models in ice, CTF, damage, global drift and smooth local
+    deformation of the specimen). Returns ``(frames (t, h, w) float32, truth, simulator)``: gain-corrected
+    Poisson counts (``noise=True``, hot pixels included) or the expected counts (``noise=False``, no detector)."""
+    from cryolive.simulate import movies
+
+    st = movies.SimulationSettings(n_movies=1, image_shape_px=(size, size), n_frames=n_frames,
+                                   pixel_size_angstrom=pixel_size_angstrom, dose_per_frame=dose_per_frame,
+                                   max_drift_angstrom=max_drift_angstrom, local_motion_angstrom=local_motion_angstrom,
+                                   seed=seed)
+    det = movies.make_detector(st.image_shape_px, st.gain_variation, st.n_hot_pixels, st.seed)
+    sim = movies.MovieSimulator(st, 0, det)
+    if noise:
+        frames = torch.stack([f.float() for f in sim.frames()]) * det.gain
+    else:
+        frames = torch.stack([f.float() for f in sim.expected_frames()])
+    return frames, sim.truth(), sim
+
+
+def true_displacement(truth, coords_yx_px):
+    """True specimen displacement ``(t, n, 2)`` (px, y x) at positions ``coords_yx_px (n, 2)`` of frame 1: the
+    global drift plus the local deformation, which the simulator interpolates bicubically (torch's kernel,
+    corner-to-corner control points) from ``truth.local_shifts_yx_px (t, g, g, 2)``."""
+    import torch.nn.functional as F
+
+    loc = truth.local_shifts_yx_px  # (t, gy, gx, 2)
+    h, w = truth.reference.shape
+    c = torch.as_tensor(coords_yx_px, dtype=torch.float32).reshape(-1, 2)
+    grid = torch.stack([2 * c[:, 1] / (w - 1) - 1, 2 * c[:, 0] / (h - 1) - 1], -1)[None, None]  # (1, 1, n, 2)
+    grid = grid.expand(loc.shape[0], 1, -1, 2)
+    field = F.grid_sample(loc.permute(0, 3, 1, 2), grid, mode="bicubic", padding_mode="border",
+                          align_corners=True)[:, :, 0]  # (t, 2, n)
+    return truth.shifts_yx_px[:, None, :] + field.permute(0, 2, 1)
+
+
+def rms_px(a, b) -> float:
+    """RMS length of the difference of two ``(..., 2)`` shift tensors, px."""
+    return float((a.cpu() - b.cpu()).norm(dim=-1).pow(2).mean().sqrt())
+
+
+def true_mean_displacement(truth, step_px=8):
+    """True mean displacement of the whole frame ``(t, 2)`` px: the simulator's drift plus the area mean of its
+    local field (which is zero on average over the control points, not over the area)."""
+    h, w = truth.reference.shape
+    ys, xs = torch.meshgrid(torch.arange(0, h, step_px, dtype=torch.float32),
+                            torch.arange(0, w, step_px, dtype=torch.float32), indexing="ij")
+    return true_displacement(truth, torch.stack([ys.flatten(), xs.flatten()], -1)).mean(1)

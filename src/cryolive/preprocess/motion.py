@@ -20,8 +20,10 @@ Method
    trajectory with a second-difference penalty, useful at very low dose per frame.
 5. Local motion (``settings.patch_grid`` other than ``(1, 1)``): per-patch trajectories against leave-one-out
    patch references and a smooth spatio-temporal model fitted robustly to them, iterated to convergence
-   (:mod:`cryolive.preprocess.motion_patch`). The global trajectory stays that of the whole frame; the model
-   is the residual ``L_t(y, x)`` on top of it (``MotionResult.local_motion``).
+   (:mod:`cryolive.preprocess.motion_patch`). The global trajectory then becomes the mean motion of the
+   whole frame (uniform weight over the area, where the whole-frame correlation weights the strongest features)
+   and the model the residual ``L_t(y, x)`` on top of it, zero on average over the frame
+   (``MotionResult.local_motion``).
 6. The aligned frames are summed plainly and with dose weights (Grant & Grigorieff 2015): frame ``t``
    gets ``q_t(k) · sqrt(T / Σ_t q_t(k)²)``, with ``q_t = ctf.dose_filter_2d`` at the frame's mid exposure,
    so each frequency keeps the noise power of the plain sum and the mean (DC, q = 1) equals the plain sum's.
@@ -292,6 +294,10 @@ def align_movie(
                 smoothness=settings.local_smoothness, max_iterations=settings.local_max_iterations,
                 max_local_shift_px=settings.max_local_shift_px, patch_size_factor=settings.patch_size_factor,
                 frame_group=settings.local_frame_group or max(1, round(2.0 / max(dose_per_frame, 1e-6))))
+            # the global trajectory becomes the mean motion of the whole frame (the whole-frame correlation
+            # follows the strongest features instead), the local field the deviation from it
+            mean_motion, local = local.area_mean()
+            shifts = shifts + mean_motion.to(shifts.dtype)
     del small
 
     mic, mic_nodw = sum_frames_local(frames, shifts, local, pixel_size_angstrom, dose_per_frame, voltage_kv,

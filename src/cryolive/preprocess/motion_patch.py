@@ -133,6 +133,24 @@ class LocalMotionModel:
         wx = catmull_rom_matrix(torch.arange(w, device=c.device, dtype=torch.float32), kx, w)  # (w, kx)
         return wy[None] @ cw @ wx.T[None]  # (2, h, w)
 
+    def area_mean(self) -> tuple[torch.Tensor, LocalMotionModel]:
+        """``(m (t, 2), model − m)``: the field's mean over the whole frame per frame (px), and the model with
+        that mean removed (a constant is subtracted from every control point, which the interpolation
+        reproduces exactly)."""
+        c = self.coefficients
+        h, w = self.image_shape
+        ky, kx = self.control_grid
+        wy = catmull_rom_matrix(torch.arange(h, device=c.device, dtype=torch.float32), ky, h).mean(0)  # (ky,)
+        wx = catmull_rom_matrix(torch.arange(w, device=c.device, dtype=torch.float32), kx, w).mean(0)  # (kx,)
+        mean_j = torch.einsum("a,jabc,b->jc", wy, c, wx)  # (degree, 2)
+        m = time_basis(self.n_frames, self.degree, c.device) @ mean_j  # (t, 2)
+        centred = LocalMotionModel(
+            coefficients=c - mean_j[:, None, None, :], image_shape=self.image_shape, n_frames=self.n_frames,
+            patch_centres_yx_px=self.patch_centres_yx_px,
+            patch_shifts_yx_px=self.patch_shifts_yx_px - m[:, None, :].to(self.patch_shifts_yx_px.device),
+            n_iterations=self.n_iterations)
+        return m, centred
+
     def max_deviation_px(self, coords_yx_px: torch.Tensor | None = None) -> float:
         """Largest local deviation from the frame's mean motion, px: ``max_{t,p} |L_t(p) − mean_p L_t(p)|``
         over ``coords_yx_px`` (default: the patch centres)."""
