@@ -146,7 +146,7 @@ def nnpu_loss(logits: torch.Tensor, positive: torch.Tensor, prior: float, beta: 
     r_p_neg = (F.softplus(z) * p).sum() / n_p
     r_u_neg = F.softplus(z).mean()
     neg = r_u_neg - prior * r_p_neg
-    if float(neg) < -beta:
+    if float(neg.detach()) < -beta:
         return -neg, True
     return prior * r_p_pos + neg, False
 
@@ -286,7 +286,7 @@ class LearnedPicker:
             loss.backward()
             opt.step()
             sched.step()
-            loss_v = float(loss)
+            loss_v = float(loss.detach())
         self.net.eval()
         # threshold: peak logits are bimodal (particles / the rest); Otsu's split of the training micrographs'
         # peaks, never above the median logit of the peaks at labelled positives

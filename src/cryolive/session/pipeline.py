@@ -23,6 +23,7 @@ The algorithms are imported lazily from ``cryolive.preprocess``; :class:`StageFu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import traceback
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Settings, settings_hash
-from ..io.movies import MovieError, read_gain, validate_movie
+from ..io.movies import EerOptions, MovieError, read_gain, validate_movie
 
 STAGES = ("motion", "ctf", "picking", "extraction")
 
@@ -119,11 +120,32 @@ class ExposureOutcome:
 def stage_hashes(settings: Settings) -> dict[str, str]:
     """The settings hash of each stage; each includes the hash of the stage before it."""
     h_motion = settings_hash(settings.optics, settings.dose_per_frame, settings.gain_path, settings.gain_flip_y,
-                             settings.motion)
+                             settings.motion, settings.eer)
     h_ctf = settings_hash(h_motion, settings.ctf)
     h_pick = settings_hash(h_ctf, settings.picking)
     h_extract = settings_hash(h_pick, settings.extraction)
     return {"motion": h_motion, "ctf": h_ctf, "picking": h_pick, "extraction": h_extract}
+
+
+def eer_options(settings: Settings) -> EerOptions:
+    """How this session turns EER raw frames into fractions (``settings.eer``; see ``config.EerSettings``).
+
+    Events are rendered at ``upsampling`` × and Fourier-binned back to the physical pixels, so micrographs keep
+    the session's pixel size; the fraction size is ``fraction_frames`` raw frames, or decided from the session's
+    dose per frame (= per fraction) and ``total_dose``, or about 40 fractions.
+    """
+    e = settings.eer
+    return EerOptions(fraction_frames=e.fraction_frames,
+                      dose_per_fraction=settings.dose_per_frame if e.total_dose else None,
+                      total_dose=e.total_dose, upsampling=int(e.upsampling), bin_factor=int(e.upsampling))
+
+
+def _dose_per_frame(movie, settings: Settings) -> float:
+    """e/Å² per frame of this movie: for EER with a total dose, what its fractions really hold (a whole number of
+    raw frames each), else the session's dose per frame."""
+    if getattr(movie, "format", None) == "eer" and settings.eer.total_dose:
+        return float(settings.eer.total_dose) * movie.fraction_frames / movie.n_raw_frames
+    return float(settings.dose_per_frame)
 
 
 def movie_stem(path: str | os.PathLike) -> str:
@@ -279,8 +301,10 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
 
     # ---------------------------------------------------------------- read, gain, hot pixels
     t0 = time.perf_counter()
-    movie = validate_movie(path, expected_frame_shape=expected_frame_shape, decode=False)
+    movie = validate_movie(path, expected_frame_shape=expected_frame_shape, decode=False,
+                           eer=eer_options(settings))
     outcome.frame_shape = tuple(movie.shape[1:])
+    dose_per_frame = _dose_per_frame(movie, settings)
     gain = None
     if settings.gain_path:
         gain = _cached_gain(settings.gain_path, settings.gain_flip_y, tuple(movie.shape[1:]))
@@ -298,7 +322,7 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
         n_hot = int(hot.sum())
         if n_hot:
             frames_t = fns.correct_defects(frames_t, hot)
-        motion = fns.align_movie(frames_t, px, settings.dose_per_frame, optics.voltage_kv, settings.motion)
+        motion = fns.align_movie(frames_t, px, dose_per_frame, optics.voltage_kv, settings.motion)
         del frames_t
         shifts = _np(motion.shifts_yx_px).astype(np.float64)  # (t, 2) (y, x)
         micrograph = motion.micrograph
@@ -310,7 +334,7 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
             "rlnImageSizeX": int(w), "rlnImageSizeY": int(h), "rlnImageSizeZ": int(t),
             "rlnMicrographMovieName": str(path), "rlnMicrographGainName": settings.gain_path or "",
             "rlnMicrographBinning": 1.0, "rlnMicrographOriginalPixelSize": float(px),
-            "rlnMicrographDoseRate": float(settings.dose_per_frame), "rlnMicrographPreExposure": 0.0,
+            "rlnMicrographDoseRate": dose_per_frame, "rlnMicrographPreExposure": 0.0,
             "rlnVoltage": float(optics.voltage_kv), "rlnMicrographStartFrame": 1, "rlnMotionModelVersion": 0,
         }
         shift_df = pd.DataFrame({
@@ -370,7 +394,7 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
         ctf_params = {"defocus_u": _to_float(ctf.defocus_u), "defocus_v": _to_float(ctf.defocus_v),
                       "defocus_angle_deg": _to_float(ctf.defocus_angle_deg), "voltage_kv": optics.voltage_kv,
                       "cs_mm": optics.cs_mm, "amplitude_contrast": optics.amplitude_contrast}
-        picks = fns.pick_blobs(micrograph, px, settings.picking, ctf=ctf_params)
+        picks = _pick(fns, micrograph, px, settings.picking, ctf_params)
         coords = _np(picks.coords_yx_px).reshape(-1, 2).astype(np.float64)  # (n, 2) (y, x)
         scores = _np(picks.scores).reshape(-1).astype(np.float64)
         metrics = {"seconds": time.perf_counter() - t0, "n_picks": int(len(coords)),  # scores: for curation
@@ -418,6 +442,68 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
         results.append(StageOutcome("extraction", hashes["extraction"], metrics, outputs))
         outcome.n_particles = n
     return results
+
+
+def _pick(fns: StageFunctions, micrograph, px: float, picking, ctf_params: dict):
+    """Pick with the picker the settings choose: ``blob`` (``fns.pick_blobs``), ``template`` (the MRC stack at
+    ``picking.templates_path``) or ``learned`` (the model at ``picking.learned_model_path``)."""
+    if picking.picker == "template":
+        from ..preprocess.template_picking import pick_templates
+
+        templates, tpx = _load_templates(picking.templates_path, picking.templates_pixel_size_angstrom)
+        return pick_templates(micrograph, px, templates.to(micrograph.device), tpx, picking, ctf=ctf_params,
+                              angle_step_deg=picking.template_angle_step_deg)
+    if picking.picker == "learned":
+        model = _load_learned_picker(picking.learned_model_path, str(micrograph.device))
+        picks = model.pick(micrograph, px, ctf=ctf_params,
+                           threshold="auto" if picking.threshold is None else picking.threshold,
+                           max_picks=picking.max_picks_per_micrograph)
+        return picks
+    return fns.pick_blobs(micrograph, px, picking, ctf=ctf_params)
+
+
+def _file_stamp(path: str) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_mtime_ns, st.st_size
+
+
+def _load_templates(path: str, pixel_size: float | None):
+    """``(templates (k, b, b) tensor, pixel size Å)`` from an MRC stack (cached while the file is unchanged);
+    a missing or unreadable file is a ``ValueError`` naming the path."""
+    try:
+        stamp = _file_stamp(path)
+    except OSError as exc:
+        raise ValueError(f"templates file {path!r} cannot be read: {exc}") from exc
+    return _load_templates_cached(stamp, pixel_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_templates_cached(stamp, pixel_size):
+    import torch
+
+    from ..io.mrc import read_mrc
+    from ..preprocess.template_picking import templates_from_classes
+
+    data, header_px = read_mrc(stamp[0])
+    px = float(pixel_size or header_px or 0)
+    if not px > 0:
+        raise ValueError(f"templates file {stamp[0]!r} has no pixel size: set templates_pixel_size_angstrom")
+    return templates_from_classes(torch.as_tensor(np.asarray(data, dtype=np.float32)), px), px
+
+
+def _load_learned_picker(path: str, device: str):
+    try:
+        stamp = _file_stamp(path)
+    except OSError as exc:
+        raise ValueError(f"learned picker model {path!r} cannot be read: {exc}") from exc
+    return _load_learned_cached(stamp, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_learned_cached(stamp, device):
+    from ..preprocess.learned_picking import LearnedPicker
+
+    return LearnedPicker.load(stamp[0], device=device)
 
 
 def _box_sizes(fns: StageFunctions, settings: Settings) -> tuple[int, int]:
