@@ -48,6 +48,13 @@ N_CLASSES = typer.Option(20, "--classes", help="number of 2D classes")
 MIN_2D = typer.Option(500, "--min-particles-2d", help="particles needed before 2D classification starts")
 PATTERN = typer.Option("*.tif,*.tiff,*.mrc,*.mrcs,*.eer", "--pattern", help="movie file patterns, comma-separated")
 NO_DW = typer.Option(False, "--write-no-dw", help="also write the non-dose-weighted sums (<movie>_noDW.mrc)")
+EER_UPSAMPLING = typer.Option(1, "--eer-upsampling", help="EER: render events on a 1, 2 or 4× finer grid from their "
+                              "sub-pixel bits, then Fourier-bin back to the physical pixels (less aliasing)")
+EER_FRACTION = typer.Option(None, "--eer-fraction-frames", help="EER: raw frames per fraction (default: from "
+                            "--eer-total-dose and --dose-per-frame, else about 40 fractions)")
+EER_TOTAL_DOSE = typer.Option(None, "--eer-total-dose", help="EER: e/Å² of the whole exposure; fractions then hold "
+                              "about --dose-per-frame each")
+PATCHES = typer.Option("5x5", "--motion-patches", help="local motion patch grid, ROWSxCOLUMNS (1x1: global only)")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="log every exposure")
 THRESHOLDS_FILE = typer.Option(None, "--thresholds",
                                help="exposure curation thresholds, JSON {\"max_ctf_resolution_angstrom\": 6, ...}")
@@ -55,9 +62,23 @@ THRESHOLD = typer.Option(None, "--threshold",
                          help="one curation threshold key=value (repeatable), e.g. max_motion_total_angstrom=40")
 
 
+def _patch_grid(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in str(text).lower().replace(",", "x").split("x"))
+        if rows < 1 or cols < 1:
+            raise ValueError
+    except ValueError:
+        raise typer.BadParameter(f"--motion-patches must look like 5x5 (rows x columns ≥ 1), got {text!r}")
+    return rows, cols
+
+
 def _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y, particle_diameter,
-              symmetry, device, workers, n_classes, min_particles_2d, pattern, write_no_dw):
-    from .config import Class2DSettings, MotionSettings, Optics, PickingSettings, Settings
+              symmetry, device, workers, n_classes, min_particles_2d, pattern, write_no_dw, eer_upsampling=1,
+              eer_fraction_frames=None, eer_total_dose=None, motion_patches="5x5"):
+    from .config import Class2DSettings, EerSettings, MotionSettings, Optics, PickingSettings, Settings
+
+    if eer_upsampling not in (1, 2, 4):
+        raise typer.BadParameter(f"--eer-upsampling must be 1, 2 or 4, got {eer_upsampling}")
 
     return Settings(
         optics=Optics(pixel_size_angstrom=pixel_size, voltage_kv=voltage, cs_mm=cs,
@@ -65,7 +86,8 @@ def _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain,
         dose_per_frame=dose_per_frame,
         gain_path=str(Path(gain).resolve()) if gain else None,
         gain_flip_y=gain_flip_y,
-        motion=MotionSettings(write_no_dw=write_no_dw),
+        motion=MotionSettings(write_no_dw=write_no_dw, patch_grid=_patch_grid(motion_patches)),
+        eer=EerSettings(upsampling=eer_upsampling, fraction_frames=eer_fraction_frames, total_dose=eer_total_dose),
         picking=PickingSettings(particle_diameter_angstrom=particle_diameter),
         class2d=Class2DSettings(n_classes=n_classes, min_particles_to_start=min_particles_2d),
         symmetry=symmetry, device=device, n_workers=workers, movie_pattern=pattern,
@@ -250,7 +272,9 @@ def process(
     amplitude_contrast: float = AMPLITUDE, dose_per_frame: float = DOSE,
     gain: Optional[Path] = GAIN, gain_flip_y: bool = GAIN_FLIP, particle_diameter: float = DIAMETER,
     symmetry: str = SYMMETRY, device: str = DEVICE, workers: int = WORKERS, n_classes: int = N_CLASSES,
-    min_particles_2d: int = MIN_2D, pattern: str = PATTERN, write_no_dw: bool = NO_DW, verbose: bool = VERBOSE,
+    min_particles_2d: int = MIN_2D, pattern: str = PATTERN, write_no_dw: bool = NO_DW,
+    eer_upsampling: int = EER_UPSAMPLING, eer_fraction_frames: Optional[int] = EER_FRACTION,
+    eer_total_dose: Optional[float] = EER_TOTAL_DOSE, motion_patches: str = PATCHES, verbose: bool = VERBOSE,
     thresholds: Optional[Path] = THRESHOLDS_FILE, threshold: Optional[list[str]] = THRESHOLD,
 ):
     """Process the movies that are there, to the end of the pipeline, and exit.
@@ -266,7 +290,7 @@ def process(
     _setup_logging(verbose)
     settings = _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y,
                          particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
-                         write_no_dw)
+                         write_no_dw, eer_upsampling, eer_fraction_frames, eer_total_dose, motion_patches)
     _check_device(settings)
     _check_gain(settings)
     _check_gain_orientation(settings, movies)
@@ -284,6 +308,8 @@ def live(
     gain: Optional[Path] = GAIN, gain_flip_y: bool = GAIN_FLIP, particle_diameter: float = DIAMETER,
     symmetry: str = SYMMETRY, device: str = DEVICE, workers: int = WORKERS, n_classes: int = N_CLASSES,
     min_particles_2d: int = MIN_2D, pattern: str = PATTERN, write_no_dw: bool = NO_DW,
+    eer_upsampling: int = EER_UPSAMPLING, eer_fraction_frames: Optional[int] = EER_FRACTION,
+    eer_total_dose: Optional[float] = EER_TOTAL_DOSE, motion_patches: str = PATCHES,
     settle: float = typer.Option(3.0, "--settle", help="seconds a file's size and mtime must stay unchanged"),
     stop_after_idle: Optional[float] = typer.Option(None, "--stop-after-idle",
                                                     help="stop after this many seconds without new movies"),
@@ -307,7 +333,7 @@ def live(
     _setup_logging(verbose)
     settings = _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y,
                          particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
-                         write_no_dw)
+                         write_no_dw, eer_upsampling, eer_fraction_frames, eer_total_dose, motion_patches)
     _check_device(settings)
     _check_gain(settings)
     curation_thresholds = _thresholds(settings, thresholds, threshold)

@@ -47,6 +47,18 @@ class MotionSettings(BaseModel):
     power_spectrum_tile_px: int = 512
 
 
+class EerSettings(BaseModel):
+    """How EER movies become dose fractions (see ``io.movies.EerOptions`` and ``session.pipeline.eer_options``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    upsampling: Literal[1, 2, 4] = Field(1, description="render events on a 1×/2×/4× grid from their sub-pixel "
+                                         "bits, then Fourier-bin back to the physical pixels")
+    fraction_frames: int | None = Field(None, ge=1, description="raw EER frames per fraction")
+    total_dose: float | None = Field(None, gt=0, description="e/Å² of the whole exposure; with dose_per_frame "
+                                     "(per fraction) it decides fraction_frames")
+
+
 class CTFSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -126,6 +138,7 @@ class Settings(BaseModel):
     gain_path: str | None = None
     gain_flip_y: bool = False
     motion: MotionSettings = MotionSettings()
+    eer: EerSettings = EerSettings()
     ctf: CTFSettings = CTFSettings()
     picking: PickingSettings = PickingSettings()
     extraction: ExtractionSettings = ExtractionSettings()
