@@ -23,6 +23,7 @@ The algorithms are imported lazily from ``cryolive.preprocess``; :class:`StageFu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import traceback
@@ -393,7 +394,7 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
         ctf_params = {"defocus_u": _to_float(ctf.defocus_u), "defocus_v": _to_float(ctf.defocus_v),
                       "defocus_angle_deg": _to_float(ctf.defocus_angle_deg), "voltage_kv": optics.voltage_kv,
                       "cs_mm": optics.cs_mm, "amplitude_contrast": optics.amplitude_contrast}
-        picks = fns.pick_blobs(micrograph, px, settings.picking, ctf=ctf_params)
+        picks = _pick(fns, micrograph, px, settings.picking, ctf_params)
         coords = _np(picks.coords_yx_px).reshape(-1, 2).astype(np.float64)  # (n, 2) (y, x)
         scores = _np(picks.scores).reshape(-1).astype(np.float64)
         metrics = {"seconds": time.perf_counter() - t0, "n_picks": int(len(coords)),  # scores: for curation
@@ -441,6 +442,68 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
         results.append(StageOutcome("extraction", hashes["extraction"], metrics, outputs))
         outcome.n_particles = n
     return results
+
+
+def _pick(fns: StageFunctions, micrograph, px: float, picking, ctf_params: dict):
+    """Pick with the picker the settings choose: ``blob`` (``fns.pick_blobs``), ``template`` (the MRC stack at
+    ``picking.templates_path``) or ``learned`` (the model at ``picking.learned_model_path``)."""
+    if picking.picker == "template":
+        from ..preprocess.template_picking import pick_templates
+
+        templates, tpx = _load_templates(picking.templates_path, picking.templates_pixel_size_angstrom)
+        return pick_templates(micrograph, px, templates.to(micrograph.device), tpx, picking, ctf=ctf_params,
+                              angle_step_deg=picking.template_angle_step_deg)
+    if picking.picker == "learned":
+        model = _load_learned_picker(picking.learned_model_path, str(micrograph.device))
+        picks = model.pick(micrograph, px, ctf=ctf_params,
+                           threshold="auto" if picking.threshold is None else picking.threshold,
+                           max_picks=picking.max_picks_per_micrograph)
+        return picks
+    return fns.pick_blobs(micrograph, px, picking, ctf=ctf_params)
+
+
+def _file_stamp(path: str) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_mtime_ns, st.st_size
+
+
+def _load_templates(path: str, pixel_size: float | None):
+    """``(templates (k, b, b) tensor, pixel size Å)`` from an MRC stack (cached while the file is unchanged);
+    a missing or unreadable file is a ``ValueError`` naming the path."""
+    try:
+        stamp = _file_stamp(path)
+    except OSError as exc:
+        raise ValueError(f"templates file {path!r} cannot be read: {exc}") from exc
+    return _load_templates_cached(stamp, pixel_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_templates_cached(stamp, pixel_size):
+    import torch
+
+    from ..io.mrc import read_mrc
+    from ..preprocess.template_picking import templates_from_classes
+
+    data, header_px = read_mrc(stamp[0])
+    px = float(pixel_size or header_px or 0)
+    if not px > 0:
+        raise ValueError(f"templates file {stamp[0]!r} has no pixel size: set templates_pixel_size_angstrom")
+    return templates_from_classes(torch.as_tensor(np.asarray(data, dtype=np.float32)), px), px
+
+
+def _load_learned_picker(path: str, device: str):
+    try:
+        stamp = _file_stamp(path)
+    except OSError as exc:
+        raise ValueError(f"learned picker model {path!r} cannot be read: {exc}") from exc
+    return _load_learned_cached(stamp, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_learned_cached(stamp, device):
+    from ..preprocess.learned_picking import LearnedPicker
+
+    return LearnedPicker.load(stamp[0], device=device)
 
 
 def _box_sizes(fns: StageFunctions, settings: Settings) -> tuple[int, int]:
