@@ -49,7 +49,7 @@ TEMPLATE_CHUNK = 256  # templates × rotations correlated at once (bounds memory
 @dataclass
 class TemplatePicks(Picks):
     """:class:`~cryolive.preprocess.picking.Picks` plus, per pick, the best template ``template_index (n,)`` and
-    its in-plane rotation ``angle_deg (n,)`` (counter-clockwise, degrees)."""
+    its in-plane rotation ``angle_deg (n,)`` (degrees; see :func:`_rotate_2d` for the sense)."""
 
     template_index: torch.Tensor | None = None
     angle_deg: torch.Tensor | None = None
@@ -131,7 +131,8 @@ def templates_from_map(
 
 
 def _rotate_2d(images: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
-    """``images (k, b, b)`` rotated counter-clockwise about the centre (b // 2) by each angle → ``(k, a, b, b)``."""
+    """``images (k, b, b)`` rotated about the centre (b // 2) by each angle → ``(k, a, b, b)``: counter-clockwise
+    as displayed with row 0 at the top (at 90° a point at +x, column b // 2 + r, moves to row b // 2 − r)."""
     k, b, _ = images.shape
     th = torch.deg2rad(angles_deg.to(images.device, torch.float32))
     cos, sin = torch.cos(th), torch.sin(th)
