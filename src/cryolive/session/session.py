@@ -17,7 +17,8 @@ for micrographs smaller than two CTF tiles),
 ``cryoliveParticleCount``, ``cryoliveMeanPickScore``, ``cryoliveMedianPickScore``, ``cryoliveAccepted`` (1/0),
 ``cryoliveDecision`` (accepted / rejected / pending), ``cryoliveRejectionReason`` ("none" or the reasons, comma-joined
 tokens without spaces) and ``cryoliveManualOverride`` (accept / reject / none) — see :mod:`.curation`; particles.star ``cryolivePickScore``; classes.star ``cryoliveParticleCount``,
-``cryoliveSelected`` (1/0, :func:`select_classes`).
+``cryoliveSelected`` (1/0, :func:`cryolive.classify2d.select_classes` unless the dashboard's manual selection is set),
+``cryoliveClassScore``, ``cryoliveEffectiveSampleSize`` (:func:`cryolive.classify2d.class_statistics`).
 
 Starting a session again on the same OUT resumes: exposures done are not processed again, exposures
 interrupted while processing are queued again, and the 2D classifier state is reloaded.
@@ -636,7 +637,11 @@ class Class2DStage:
         k = averages.shape[0]
         dist = snap.class_distribution.numpy().astype(np.float64)
         res = snap.resolution_angstrom.numpy().astype(np.float64)
-        selected = select_classes(dist, res)
+        from ..classify2d import class_statistics
+        from ..classify2d import select_classes as select_good_classes
+
+        stats = class_statistics(snap)  # score: resolution, count, centring, contrast (classify2d.selection)
+        selected = select_good_classes(stats).numpy()
         manual = self.store.get_value(MANUAL_SELECTION_KEY)
         if manual:  # the user's selection (dashboard) wins over the automatic one
             selected = np.isin(np.arange(1, k + 1), [int(c) for c in manual.get("selected", [])])
@@ -651,6 +656,8 @@ class Class2DStage:
             "rlnEstimatedResolution": res,
             "cryoliveParticleCount": snap.particle_counts.numpy().astype(np.float64),
             "cryoliveSelected": selected.astype(int),
+            "cryoliveClassScore": stats.score.numpy().astype(np.float64),
+            "cryoliveEffectiveSampleSize": stats.effective_sample_size.numpy().astype(np.float64),
         })
         write_star(self.out / "class2d" / "classes.star", {"model_classes": table})
         self.n_classes_active = int(selected.sum())
