@@ -13,7 +13,8 @@ micrographs.
   structure's map at 4 Å/px (:func:`templates_from_map`), 10° in-plane steps, automatic threshold;
 - ``learned``: :class:`cryolive.preprocess.learned_picking.LearnedPicker` trained on ``--train`` *other*
   micrographs from the blob picker's picks that match the truth there (what the particles of good 2D classes
-  would give), its own threshold; the training time is printed;
+  would give; ``--positives blob``: all blob picks, false ones included), its own threshold; the training
+  time is printed;
 - ``topaz``: topaz-em's pretrained model (resnet16_u64) run by ``bench/_peer_topaz.py`` in its own venv and
   process (GPL-3; ``bash bench/setup_picking_peers.sh`` installs it), downsampled to ~diameter/20 per pixel,
   extraction radius 0.4 × diameter, at its default threshold (-6), at 0, and at the threshold that is best
@@ -159,6 +160,9 @@ def main(argv=None) -> None:
     ap.add_argument("--train-steps", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-topaz", action="store_true")
+    ap.add_argument("--positives", choices=("blob-correct", "blob"), default="blob-correct",
+                    help="learned picker's positives: the blob picks that match the truth (as good 2D classes "
+                         "would keep them), or all blob picks")
     args = ap.parse_args(argv)
 
     import torch
@@ -212,14 +216,14 @@ def main(argv=None) -> None:
         p = pick_blobs(m["micrograph"], m["pixel_size"], settings, ctf=m["ctf"])
         d = torch.cdist(p.coords_yx_px, m["true_yx"]) if len(p) and len(m["true_yx"]) else torch.zeros(len(p), 1)
         ok = d.min(dim=1).values < 0.3 * diameter / m["pixel_size"] if len(p) else torch.zeros(0, dtype=torch.bool)
-        positives.append(p.coords_yx_px[ok])
+        positives.append(p.coords_yx_px[ok] if args.positives == "blob-correct" else p.coords_yx_px)
     picker = LearnedPicker(diameter)
     report, train_cpu = cpu_timed(lambda: picker.fit([m["micrograph"] for m in train], [m["pixel_size"] for m in train],
                                                       positives, ctfs=[m["ctf"] for m in train],
                                                       steps=args.train_steps))
     n_true_train = sum(len(m["true_yx"]) for m in train)
-    print(f"learned picker: trained on {len(train)} micrographs, {report.n_positives} positives "
-          f"({report.n_positives / max(n_true_train, 1):.0%} of their particles), {report.steps} steps, "
+    print(f"learned picker: trained on {len(train)} micrographs, {report.n_positives} positives ({args.positives}; "
+          f"{report.n_positives / max(n_true_train, 1):.0%} of their particles), {report.steps} steps, "
           f"{train_cpu:.0f} s CPU, threshold {report.threshold:.2f}", flush=True)
     out, sec = [], 0.0
     for m in test:

@@ -116,9 +116,8 @@ def prepare_micrograph(
     low-passed, robustly normalised), ``carbon (nh, nw)`` bool or None, ``scale_yx`` (micrograph px per working
     px) and ``pixel_size`` (working Å/px)."""
     ps_target = _working_pixel_size(pixel_size_angstrom, diameter_angstrom)
-    carbon = picking.detect_carbon(micrograph, pixel_size_angstrom, diameter_angstrom)
-    if carbon is not None:
-        carbon = picking._dilate(carbon, picking.CARBON_MARGIN_DIAMETERS * diameter_angstrom / pixel_size_angstrom)
+    carbon = picking.detect_carbon(micrograph, pixel_size_angstrom, diameter_angstrom,
+                                   picking.CARBON_MARGIN_DIAMETERS * diameter_angstrom / pixel_size_angstrom)
     ft_neg, flip, ps_w, scale_yx, k, (nh, nw) = picking._preprocess(
         micrograph, pixel_size_angstrom, diameter_angstrom, ctf, carbon, working_pixel_size_angstrom=ps_target)
     band = picking._band(k, diameter_angstrom)

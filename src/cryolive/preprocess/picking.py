@@ -163,7 +163,9 @@ def _otsu_threshold(values: torch.Tensor) -> torch.Tensor:
     return v[k + 1].to(values.dtype)
 
 
-def detect_carbon(micrograph: torch.Tensor, pixel_size_angstrom: float, diameter_angstrom: float) -> torch.Tensor | None:
+def detect_carbon(
+    micrograph: torch.Tensor, pixel_size_angstrom: float, diameter_angstrom: float, margin_px: float = 0.0
+) -> torch.Tensor | None:
     """Mask ``(h, w)`` bool of the carbon support film in ``micrograph (h, w)``, or ``None`` when there is none.
 
     The film at a hole edge is a large region far darker than the hole (amplitude contrast of ~100–200 Å of
@@ -171,7 +173,7 @@ def detect_carbon(micrograph: torch.Tensor, pixel_size_angstrom: float, diameter
     is averaged in blocks of ~diameter/8 and smoothed (σ ≈ diameter/4); Otsu's threshold splits it in two, and
     the dark class is carbon when it lies ``CARBON_MIN_CONTRAST`` robust standard deviations (of the bright
     class) below the bright one and covers at least ``CARBON_MIN_FRACTION`` of the micrograph. Invariant to
-    gain and offset.
+    gain and offset. ``margin_px``: the mask grows by this much (rounded up to whole blocks) into the hole.
     """
     h, w = micrograph.shape[-2:]
     f = max(1, int(round(diameter_angstrom / (8 * pixel_size_angstrom))))
@@ -192,6 +194,8 @@ def detect_carbon(micrograph: torch.Tensor, pixel_size_angstrom: float, diameter
     spread = float((bright - bright.median()).abs().median()) * 1.4826
     if float(bright.median() - sm[dark].median()) < CARBON_MIN_CONTRAST * max(spread, 1e-12):
         return None
+    if margin_px > 0:
+        dark = _dilate(dark, margin_px / f)
     mask = dark.repeat_interleave(f, 0).repeat_interleave(f, 1)
     full = torch.zeros((h, w), dtype=torch.bool, device=micrograph.device)
     full[: mask.shape[0], : mask.shape[1]] = mask
@@ -366,9 +370,10 @@ def score_map(
     """
     if null_realisations is None:
         null_realisations = NULL_REALISATIONS
-    carbon = detect_carbon(micrograph, pixel_size_angstrom, diameter_angstrom) if detect_carbon_film else None
-    if carbon is not None:
-        carbon = _dilate(carbon, CARBON_MARGIN_DIAMETERS * diameter_angstrom / pixel_size_angstrom)
+    carbon = None
+    if detect_carbon_film:
+        carbon = detect_carbon(micrograph, pixel_size_angstrom, diameter_angstrom,
+                               CARBON_MARGIN_DIAMETERS * diameter_angstrom / pixel_size_angstrom)
     ft_neg, flip, ps_w, scale_yx, k, (nh, nw) = _preprocess(micrograph, pixel_size_angstrom, diameter_angstrom, ctf,
                                                              carbon)
     ft_raw = ft_neg * flip  # phase-flipped, particles white

@@ -182,9 +182,8 @@ def template_score_map(
     """Score maps on the working grid (the dict of :func:`cryolive.preprocess.picking.score_map`, with
     ``template_index`` and ``angle_deg`` maps): the best z-scored local NCC over templates × rotations."""
     dev = micrograph.device
-    carbon = picking.detect_carbon(micrograph, pixel_size_angstrom, diameter_angstrom)
-    if carbon is not None:
-        carbon = picking._dilate(carbon, picking.CARBON_MARGIN_DIAMETERS * diameter_angstrom / pixel_size_angstrom)
+    carbon = picking.detect_carbon(micrograph, pixel_size_angstrom, diameter_angstrom,
+                                   picking.CARBON_MARGIN_DIAMETERS * diameter_angstrom / pixel_size_angstrom)
     ft_neg, flip, ps_w, scale_yx, k, (nh, nw) = picking._preprocess(
         micrograph, pixel_size_angstrom, diameter_angstrom, ctf, carbon)
     band = picking._band(k, diameter_angstrom)
