@@ -203,7 +203,10 @@ def cryolive_modes(requested):
 
 
 def run_cryolive(source, pixel_size, dose_per_frame, device, mode):
-    """Align one movie (a file path, decoded here, or a (t, h, w) tensor); returns (shifts, decode s, total s)."""
+    """Align one movie (a file path, decoded here, or a (t, h, w) tensor).
+
+    Returns (shifts, decode s, total wall s, total CPU s of this process).
+    """
     import torch
 
     from cryolive.io.movies import open_movie
@@ -215,7 +218,7 @@ def run_cryolive(source, pixel_size, dose_per_frame, device, mode):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if isinstance(source, Path):
         frames = torch.from_numpy(open_movie(source).read_all())
     else:
@@ -225,10 +228,10 @@ def run_cryolive(source, pixel_size, dose_per_frame, device, mode):
     res = align_movie(frames, pixel_size, dose_per_frame, 300.0, settings, **kwargs)
     res.micrograph.sum().item()  # the sum is part of the job
     sync()
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     shifts = res.shifts_yx_px.detach().cpu()
     del frames, res
-    return shifts, t_decode, total
+    return shifts, t_decode, total, cpu
 
 
 def profile_cryolive(frames, pixel_size, dose_per_frame, device, mode, top=25):
@@ -327,31 +330,50 @@ def main(argv=None) -> None:
           f"({args.dose_per_frame * n_frames:.0f} e/Å²), drift ≤ {args.max_drift} Å, local ≤ {args.local_motion} Å; "
           f"device {device}, {args.threads} thread(s), {os.cpu_count()} CPU(s) seen (shared machine: seconds are noisy, "
           f"compare within the run)")
-    counts, truth = synthesize_movie(shape, n_frames, px, args.dose_per_frame, args.max_drift, args.local_motion,
-                                     args.seed, min(tile, max(shape)))
-    truth = truth.to(torch.float32)
+    # the movie: synthesised once per workdir and settings (meta.json), reused by later runs with --workdir
+    meta = dict(shape=list(shape), frames=n_frames, pixel_size=px, dose_per_frame=args.dose_per_frame,
+                max_drift=args.max_drift, local_motion=args.local_motion, seed=args.seed, tile=min(tile, max(shape)))
+    meta_path = workdir / "meta.json"
+    want_files = {"tiff": workdir / "movie.tif", "mrc": workdir / "movie.mrc"}
+    if (meta_path.exists() and json.loads(meta_path.read_text()).get("movie") == meta
+            and all(p.exists() for p in want_files.values())):
+        truth = torch.tensor(json.loads(meta_path.read_text())["truth_yx_px"], dtype=torch.float32)
+        files = want_files
+        print(f"  reusing the movie in {workdir} (same settings)")
+    else:
+        counts, truth = synthesize_movie(shape, n_frames, px, args.dose_per_frame, args.max_drift,
+                                         args.local_motion, args.seed, meta["tile"])
+        truth = truth.to(torch.float32)
+        t0 = time.perf_counter()
+        files = write_movie_files(counts, workdir, {"tiff", "mrc"})
+        del counts
+        meta_path.write_text(json.dumps(dict(movie=meta, truth_yx_px=truth.tolist())))
+        sizes = ", ".join(f"{k} {p.stat().st_size / 2**20:.0f} MiB" for k, p in files.items())
+        print(f"  written in {time.perf_counter() - t0:.0f} s ({sizes})")
     print(f"  true drift: path {float((truth[1:] - truth[:-1]).norm(dim=-1).sum()) * px:.1f} Å, "
-          f"end {truth[-1].tolist()} px")
-    t0 = time.perf_counter()
-    files = write_movie_files(counts, workdir, set(formats) | ({"peer"} if run_peer_now else set()))
-    sizes = ", ".join(f"{k} {p.stat().st_size / 2**20:.0f} MiB" for k, p in files.items())
-    print(f"  written in {time.perf_counter() - t0:.0f} s ({sizes})")
-    frames_mem = torch.from_numpy(counts).to(torch.float32) if "memory" in formats or args.profile else None
-    del counts
+          f"end {[round(v, 2) for v in truth[-1].tolist()]} px")
 
-    rows = []  # (tool, input, decode s, total s, shifts)
+    def frames_in_memory():
+        from cryolive.io.movies import open_movie
+
+        return torch.from_numpy(open_movie(files["mrc"]).read_all())
+
+    rows = []  # (tool, input, decode s, total wall s, total CPU s, shifts)
+    frames_mem = frames_in_memory() if "memory" in formats else None
     for mode, mode_args in modes.items():
         for fmt in formats:
             source = frames_mem if fmt == "memory" else files[fmt]
             best = None
             for _ in range(max(1, args.repeats)):
-                shifts, t_dec, total = run_cryolive(source, px, args.dose_per_frame, device, mode_args)
+                shifts, t_dec, total, cpu = run_cryolive(source, px, args.dose_per_frame, device, mode_args)
                 if best is None or total < best[2]:
-                    best = (shifts, t_dec, total)
-            rows.append((f"cryolive {mode}", fmt, best[1], best[2], best[0]))
-            print(f"  cryolive {mode:6s} {fmt:6s}: {best[2]:7.1f} s (decode {best[1]:.1f} s), "
-                  f"RMS {rms_anchored(best[0], truth):.3f} px")
+                    best = (shifts, t_dec, total, cpu)
+            rows.append((f"cryolive {mode}", fmt, best[1], best[2], best[3], best[0]))
+            print(f"  cryolive {mode:6s} {fmt:6s}: {best[2]:7.1f} s (decode {best[1]:.1f} s; CPU {best[3]:.1f} s), "
+                  f"RMS {rms_anchored(best[0], truth):.3f} px", flush=True)
     if args.profile:
+        if frames_mem is None:
+            frames_mem = frames_in_memory()
         for name in [m for m in ("global", "patch") if m in modes][: 1 if args.profile == "first" else None]:
             profile_cryolive(frames_mem, px, args.dose_per_frame, device, modes[name])
     del frames_mem
@@ -372,30 +394,34 @@ def main(argv=None) -> None:
             if e_flip < 0.5 * e:
                 print(f"  WARNING: {label} fits the truth better with the opposite sign ({e_flip:.3f} vs {e:.3f} px):"
                       f" the sign conversion in bench/_peer_tmc.py is wrong")
-            rows.append((label, "mrc", peer["read_seconds"], peer[key]["seconds_with_read"], s))
+            rows.append((label, "mrc", peer["read_seconds"], peer[key]["seconds_with_read"],
+                         peer[key].get("cpu_seconds_with_read", float("nan")), s))
         print(f"  peer: torch-motion-correction {peer['version']} on torch {peer['torch']}, "
               f"process wall {peer['process_wall_seconds']:.0f} s")
 
-    peer_ref = {r[0]: r[3] for r in rows if r[0].startswith("tmc")}
+    peer_ref = {r[0]: (r[3], r[4]) for r in rows if r[0].startswith("tmc")}
     ref_full = peer_ref.get("tmc global+optimiser") or peer_ref.get("tmc optimiser (zero)")
     ref_glob = peer_ref.get("tmc global")
     print()
-    hdr = (f"{'tool':24s} {'input':7s} {'decode s':>9s} {'s/movie':>9s} {'÷ tmc full':>11s} {'÷ tmc glob':>11s} "
-           f"{'RMS px (fr.1)':>14s} {'RMS px (offset-free)':>21s}")
+    hdr = (f"{'tool':24s} {'input':6s} {'decode s':>8s} {'s/movie':>8s} {'CPU s':>8s} {'÷tmc full':>10s} "
+           f"{'CPU ÷tmc full':>14s} {'÷tmc glob':>10s} {'RMS px fr.1':>12s} {'RMS px offset-free':>19s}")
     print(hdr)
     print("-" * len(hdr))
     figures = []
-    for tool, fmt, dec, total, s in rows:
-        r_full = f"{total / ref_full:.3f}" if ref_full else "-"
-        r_glob = f"{total / ref_glob:.3f}" if ref_glob else "-"
+    for tool, fmt, dec, total, cpu, s in rows:
+        r_full = total / ref_full[0] if ref_full else None
+        c_full = cpu / ref_full[1] if ref_full else None
+        r_glob = total / ref_glob[0] if ref_glob else None
         ea, eo = rms_anchored(s, truth), rms_offset_free(s, truth)
-        print(f"{tool:24s} {fmt:7s} {dec:9.1f} {total:9.1f} {r_full:>11s} {r_glob:>11s} {ea:14.3f} {eo:21.3f}")
-        figures.append(dict(tool=tool, input=fmt, decode_seconds=dec, seconds_per_movie=total,
-                            ratio_to_tmc_full=(total / ref_full) if ref_full else None,
-                            ratio_to_tmc_global=(total / ref_glob) if ref_glob else None,
+        f3 = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+        print(f"{tool:24s} {fmt:6s} {dec:8.1f} {total:8.1f} {cpu:8.1f} {f3(r_full):>10s} {f3(c_full):>14s} "
+              f"{f3(r_glob):>10s} {ea:12.3f} {eo:19.3f}")
+        figures.append(dict(tool=tool, input=fmt, decode_seconds=dec, seconds_per_movie=total, cpu_seconds=cpu,
+                            ratio_to_tmc_full=r_full, cpu_ratio_to_tmc_full=c_full, ratio_to_tmc_global=r_glob,
                             rms_px_frame1=ea, rms_px_offset_free=eo, shifts_yx_px=s.tolist()))
-    print(f"(÷ tmc: this row's seconds per movie over the peer's, both reading the MRC file where input is mrc; "
-          f"zero-motion RMS would be {rms_anchored(torch.zeros_like(truth), truth):.2f} px)")
+    print(f"(÷tmc: this row's seconds per movie (wall, or CPU of its own process) over the peer's, both reading the "
+          f"MRC file where input is mrc; CPU time is less sensitive to the machine's load. Zero-motion RMS would be "
+          f"{rms_anchored(torch.zeros_like(truth), truth):.2f} px)")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
             size=args.size, shape=list(shape), frames=n_frames, pixel_size=px, dose_per_frame=args.dose_per_frame,
