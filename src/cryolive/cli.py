@@ -42,6 +42,11 @@ GAIN = typer.Option(None, "--gain", help="gain reference (MRC or TIFF), multipli
 GAIN_FLIP = typer.Option(False, "--gain-flip-y", help="flip the gain reference in Y (rows) before use")
 DIAMETER = typer.Option(150.0, "--particle-diameter", help="particle diameter, Å")
 SYMMETRY = typer.Option("C1", "--symmetry", help="point-group symmetry (for 3D)")
+PICKER = typer.Option("blob", "--picker", help="blob (reference-free), template (--templates) or learned "
+                      "(--picker-model)")
+TEMPLATES = typer.Option(None, "--templates", help="MRC stack of picking templates (2D class averages or "
+                         "projections, particles white); pixel size from its header")
+PICKER_MODEL = typer.Option(None, "--picker-model", help="a learned picker saved by LearnedPicker.save")
 DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto")
 WORKERS = typer.Option(2, "--workers", help="worker processes for the per-exposure stages (0: in this process)")
 N_CLASSES = typer.Option(20, "--classes", help="number of 2D classes")
@@ -74,11 +79,23 @@ def _patch_grid(text: str) -> tuple[int, int]:
 
 def _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y, particle_diameter,
               symmetry, device, workers, n_classes, min_particles_2d, pattern, write_no_dw, eer_upsampling=1,
-              eer_fraction_frames=None, eer_total_dose=None, motion_patches="5x5"):
+              eer_fraction_frames=None, eer_total_dose=None, motion_patches="5x5", picker="blob", templates=None,
+              picker_model=None):
     from .config import Class2DSettings, EerSettings, MotionSettings, Optics, PickingSettings, Settings
 
     if eer_upsampling not in (1, 2, 4):
         raise typer.BadParameter(f"--eer-upsampling must be 1, 2 or 4, got {eer_upsampling}")
+    try:
+        picking = PickingSettings(particle_diameter_angstrom=particle_diameter, picker=picker,
+                                  templates_path=str(Path(templates).resolve()) if templates else None,
+                                  learned_model_path=str(Path(picker_model).resolve()) if picker_model else None)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        errors = getattr(exc, "errors", None)
+        msg = "; ".join(e.get("msg", "") for e in errors()) if callable(errors) else str(exc)
+        raise typer.BadParameter(f"--picker {picker}: {msg}")
+    for path, flag in ((templates, "--templates"), (picker_model, "--picker-model")):
+        if path is not None and not Path(path).is_file():
+            raise typer.BadParameter(f"{flag} {path}: no such file")
 
     return Settings(
         optics=Optics(pixel_size_angstrom=pixel_size, voltage_kv=voltage, cs_mm=cs,
@@ -88,7 +105,7 @@ def _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain,
         gain_flip_y=gain_flip_y,
         motion=MotionSettings(write_no_dw=write_no_dw, patch_grid=_patch_grid(motion_patches)),
         eer=EerSettings(upsampling=eer_upsampling, fraction_frames=eer_fraction_frames, total_dose=eer_total_dose),
-        picking=PickingSettings(particle_diameter_angstrom=particle_diameter),
+        picking=picking,
         class2d=Class2DSettings(n_classes=n_classes, min_particles_to_start=min_particles_2d),
         symmetry=symmetry, device=device, n_workers=workers, movie_pattern=pattern,
     )
@@ -276,6 +293,7 @@ def process(
     eer_upsampling: int = EER_UPSAMPLING, eer_fraction_frames: Optional[int] = EER_FRACTION,
     eer_total_dose: Optional[float] = EER_TOTAL_DOSE, motion_patches: str = PATCHES, verbose: bool = VERBOSE,
     thresholds: Optional[Path] = THRESHOLDS_FILE, threshold: Optional[list[str]] = THRESHOLD,
+    picker: str = PICKER, templates: Optional[Path] = TEMPLATES, picker_model: Optional[Path] = PICKER_MODEL,
 ):
     """Process the movies that are there, to the end of the pipeline, and exit.
 
@@ -290,7 +308,8 @@ def process(
     _setup_logging(verbose)
     settings = _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y,
                          particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
-                         write_no_dw, eer_upsampling, eer_fraction_frames, eer_total_dose, motion_patches)
+                         write_no_dw, eer_upsampling, eer_fraction_frames, eer_total_dose, motion_patches,
+                         picker, templates, picker_model)
     _check_device(settings)
     _check_gain(settings)
     _check_gain_orientation(settings, movies)
@@ -310,6 +329,7 @@ def live(
     min_particles_2d: int = MIN_2D, pattern: str = PATTERN, write_no_dw: bool = NO_DW,
     eer_upsampling: int = EER_UPSAMPLING, eer_fraction_frames: Optional[int] = EER_FRACTION,
     eer_total_dose: Optional[float] = EER_TOTAL_DOSE, motion_patches: str = PATCHES,
+    picker: str = PICKER, templates: Optional[Path] = TEMPLATES, picker_model: Optional[Path] = PICKER_MODEL,
     settle: float = typer.Option(3.0, "--settle", help="seconds a file's size and mtime must stay unchanged"),
     stop_after_idle: Optional[float] = typer.Option(None, "--stop-after-idle",
                                                     help="stop after this many seconds without new movies"),
@@ -333,7 +353,8 @@ def live(
     _setup_logging(verbose)
     settings = _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y,
                          particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
-                         write_no_dw, eer_upsampling, eer_fraction_frames, eer_total_dose, motion_patches)
+                         write_no_dw, eer_upsampling, eer_fraction_frames, eer_total_dose, motion_patches,
+                         picker, templates, picker_model)
     _check_device(settings)
     _check_gain(settings)
     curation_thresholds = _thresholds(settings, thresholds, threshold)

@@ -275,3 +275,21 @@ def test_session_uses_the_picker_the_settings_choose(tmp_path):
               PickingSettings(picker="template", templates_path=str(tmp_path / "missing.mrcs")), m["ctf"])
     with pytest.raises(ValueError):
         PickingSettings(picker="learned")
+
+
+def test_command_line_picker_options(tmp_path):
+    import typer
+
+    from cryolive.cli import _settings
+
+    tpl = tmp_path / "classes.mrcs"
+    tpl.write_bytes(b"")  # existence is checked here; the content when picking
+    common = (1.0, 300.0, 2.7, 0.1, 1.0, None, False, 140.0, "C1", "cpu", 0, 10, 100, "*.mrc", False)
+    s = _settings(*common, picker="template", templates=tpl)
+    assert s.picking.picker == "template" and s.picking.templates_path == str(tpl.resolve())
+    assert s.picking.particle_diameter_angstrom == 140.0
+    assert _settings(*common).picking.picker == "blob"
+    with pytest.raises(typer.BadParameter, match="templates_path"):
+        _settings(*common, picker="template")
+    with pytest.raises(typer.BadParameter, match="no such file"):
+        _settings(*common, picker="learned", picker_model=tmp_path / "missing.pt")
