@@ -199,6 +199,10 @@ def test_class_selection_is_saved_and_reaches_the_session(page, live):
     with session.store() as store:
         saved = store.get_value("class2d_manual_selection")
     assert saved["selected"] == [1, 2, 5, 7] and saved["by"] == "alice"
+    from cryolive.classify2d import ClassSelection
+
+    overrides = ClassSelection.from_dict(saved["class_selection"]).overrides  # 0-based, for classify2d
+    assert overrides == {k: k + 1 in (1, 2, 5, 7) for k in range(8)}
 
     # the session takes it up: its 2D stage rewrites classes.star's selection from the store
     from cryolive.io.star import read_star

@@ -405,8 +405,11 @@ class SessionData:
         bad = sorted(set(selected) - numbers)
         if bad:
             raise ValueError(f"no such classes: {bad}")
-        self.store.set_value(CLASS_SELECTION_KEY, {"selected": sorted(set(int(c) for c in selected)), "by": user,
-                                                   "time": time.time()})
+        chosen = sorted(set(int(c) for c in selected))
+        # also as classify2d.ClassSelection's overrides (0-based class index → keep), for a session that uses it
+        overrides = {str(n - 1): n in chosen for n in sorted(numbers)}
+        self.store.set_value(CLASS_SELECTION_KEY, {"selected": chosen, "by": user, "time": time.time(),
+                                                   "class_selection": {"overrides": overrides}})
         self.bump()
         return self.class_selection()
 
