@@ -210,7 +210,7 @@ def main() -> None:
     cold_total = sum(big["cold"].values())
     warm_total = sum(big["warm"].values())
     print(f"{'all initial requests, one after the other':45s} {cold_total:8.3f} {warm_total:8.3f}")
-    print(f"{'WebSocket first message (full decisions)':45s} {'':8s} {big['ws_first_message']:8.3f} {'':9s} "
+    print(f"{'WebSocket first message (the whole table)':45s} {'':8s} {big['ws_first_message']:8.3f} {'':9s} "
           f"{big['ws_first_message'] / max(small['ws_first_message'], 1e-6):10.1f}")
     print(f"{'threshold change (re-decide + record + STAR)':45s} {'':8s} {big['threshold_change']:8.3f} {'':9s} "
           f"{big['threshold_change'] / max(small['threshold_change'], 1e-6):10.1f}")

@@ -337,7 +337,8 @@ def create_app(root: str | os.PathLike, poll_s: float = 0.5, warm: bool = True) 
                                                                 sd.thresholds().model_dump()))
                     msg = {"type": "update", "summary": _clean(summary), "exposures": table}
                     if curation != last_curation:  # first message, or thresholds / overrides changed
-                        msg["decisions"] = await asyncio.to_thread(sd.decision_arrays)
+                        if last_curation is not None:  # (the first message's rows carry their decisions)
+                            msg["decisions"] = await asyncio.to_thread(sd.decision_arrays)
                         msg["thresholds"] = curation[1]
                     last_curation = curation
                     sent.update(table["ids"])
