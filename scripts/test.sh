@@ -14,7 +14,7 @@ fi
 python -m pip install --quiet -e '.[test]'
 # the dashboard's browser tests drive Debian's Chromium (Playwright never downloads a browser here)
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }) \
+    (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }) \
         || echo "warning: could not install chromium; the browser tests will be skipped" >&2
 fi
 # GNU nproc honours OMP_NUM_THREADS, so count the cores before pinning the threads per process
