@@ -48,7 +48,10 @@ def test_global_and_local_trajectories_and_sum_against_truth(size, pixel_size, d
     h, w = frames.shape[-2:]
     particles = truth.particles["coords_yx_px"]
     assert len(particles) >= 10
-    for where in (particles, _grid_positions(h, w)):
+    # (the regular grid spans the patch centres' region, a tenth of the frame in from each edge: beyond the
+    # outermost patch centres the field is extrapolated and its error grows, e.g. 0.64 px at 48 px from the
+    # edges for the 0.8 Å/px movie)
+    for where in (particles, _grid_positions(h, w, margin=h // 10)):
         truth_field = true_displacement(truth, where)
         err_local = rms_px(local.shifts_at(where), truth_field)
         err_global_only = rms_px(glob.shifts_at(where), truth_field)

@@ -293,7 +293,8 @@ def align_movie(
                 patch_grid=grid, time_degree=min(settings.local_time_degree, t - 1),
                 smoothness=settings.local_smoothness, max_iterations=settings.local_max_iterations,
                 max_local_shift_px=settings.max_local_shift_px, patch_size_factor=settings.patch_size_factor,
-                frame_group=settings.local_frame_group or max(1, round(2.0 / max(dose_per_frame, 1e-6))))
+                frame_group=settings.local_frame_group or max(1, round(2.0 / max(dose_per_frame, 1e-6))),
+                prior_px=(settings.local_prior_angstrom / pixel_size_angstrom) if settings.local_prior_angstrom else None)
             # the global trajectory becomes the mean motion of the whole frame (the whole-frame correlation
             # follows the strongest features instead), the local field the deviation from it
             mean_motion, local = local.area_mean()

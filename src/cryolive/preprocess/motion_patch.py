@@ -25,10 +25,13 @@ Fitting (:func:`estimate_local_motion`)
    Newton steps on the band-limited correlation function (as for the global alignment).
 3. The model is fitted to all (frame, patch) measurements by weighted least squares — each measurement is
    compared with the model *averaged over its patch window* — with a per-patch offset (the leave-one-out
-   reference's own origin), a second-difference smoothness penalty across the control grid, and Huber weights
+   reference's own origin), a Gaussian prior on the field's size weighed against the measurement noise (so
+   that noise alone gives a small field), an optional curvature penalty across the control grid, and Huber weights
    re-estimated from the residuals (iteratively reweighted, so that a patch on a contaminant or a carbon edge
    does not pull the field).
-4. Steps 2–3 repeat until the model moves by less than 0.01 px anywhere, or ``max_iterations``.
+4. Steps 2–3 repeat until the model moves by less than 0.02 px anywhere, or ``max_iterations``; the first
+   round searches the correlation maps (integer peak, parabolic offset), later rounds only refine the previous
+   peaks by Newton steps.
 
 Summation (:func:`sum_frames_local`)
 ------------------------------------
@@ -175,11 +178,14 @@ def _second_difference(n: int, device) -> torch.Tensor:
 
 
 def _fit_model(meas: torch.Tensor, bt: torch.Tensor, m_space: torch.Tensor, control_grid: tuple[int, int],
-               smoothness: float, n_irls: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               smoothness: float, prior_px: float | None = None,
+               n_irls: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Robust fit of ``meas (t, p, 2) ≈ offset_p + Σ_{j,k} bt[t, j] m_space[p, k] C[j, k]``.
 
     bt: ``(t, J)`` time basis; m_space: ``(p, K)`` spatial basis averaged over each patch window.
-    Returns ``(C (J, K, 2), offsets (p, 2), weights (t, p))`` (float32, on meas's device).
+    prior_px: expected RMS of the field (px): a Gaussian prior on the field, weighted against the measurement
+    noise estimated from the residuals (``σ² · (J / t) / prior² · Σ_t Σ_k |L_t(control point k)|²``), so that
+    noise alone (few counts, small patches) fits a small field rather than a large one. Returns ``(C (J, K, 2), offsets (p, 2), weights (t, p))`` (float32, on meas's device).
     """
     t, p, _ = meas.shape
     J, K = bt.shape[1], m_space.shape[1]
@@ -203,14 +209,22 @@ def _fit_model(meas: torch.Tensor, bt: torch.Tensor, m_space: torch.Tensor, cont
     reg += 1e-6 * t * torch.eye(n_cols, dtype=torch.float64, device=dev)
     y = meas.reshape(t * p, 2).to(torch.float64)
     wts = torch.ones(t * p, dtype=torch.float64, device=dev)
-    for _ in range(n_irls):
+    prior = torch.zeros_like(reg)
+    if prior_px:
+        # on the field's values at the control points, Σ_groups Σ_k |L(k)|² (scaled by J / t: the groups are not
+        # independent draws), so that directions the data barely constrain (control points beyond the outer
+        # patch centres, differences between heavily overlapping patches) shrink towards no local motion
+        prior[p:, p:] = torch.kron(b64.T @ b64, torch.eye(K, dtype=torch.float64, device=dev)) * (J / t) / prior_px**2
+    sigma2 = 0.0  # noise variance per component, from the residuals of the previous round
+    for it in range(n_irls):
         aw = a * wts[:, None]
-        x = torch.linalg.solve(aw.T @ a + reg, aw.T @ y)  # (n_cols, 2)
+        x = torch.linalg.solve(aw.T @ a + reg + sigma2 * prior, aw.T @ y)  # (n_cols, 2)
         res = (y - a @ x).norm(dim=-1)
+        sigma2 = float(res.median() / 1.1774) ** 2  # Rayleigh median of |residual| = 1.1774 σ
         scale = 1.4826 * res.median() * 1.2 + 1e-6  # |residual| of 2D Gaussian noise: median ≈ 1.18 σ
         delta = 1.5 * scale
         new = torch.clamp(delta / res.clamp(min=1e-12), max=1.0)  # Huber weights
-        if float((new - wts).abs().max()) < 1e-3:
+        if it >= 2 and float((new - wts).abs().max()) < 1e-3:
             wts = new
             break
         wts = new
@@ -276,6 +290,7 @@ def estimate_local_motion(
     max_local_shift_px: float = 12.0,
     patch_size_factor: float = 2.0,
     frame_group: int = 1,
+    prior_px: float | None = None,
 ) -> LocalMotionModel:
     """Per-patch trajectories and the smooth model fitted to them (see the module docstring).
 
@@ -285,7 +300,8 @@ def estimate_local_motion(
     control_grid: ``(ky, kx)`` spatial control points of the model (default: the patch grid);
     time_degree: polynomial degree in time; smoothness: weight of the control-grid curvature penalty;
     max_local_shift_px: largest residual searched per patch; patch_size_factor: patch side in grid cells
-    (2: half-overlapping patches); frame_group: consecutive frames summed per patch measurement. Returns a :class:`LocalMotionModel`.
+    (2: half-overlapping patches); frame_group: consecutive frames summed per patch measurement;
+    prior_px: expected RMS of the local field, px (see ``_fit_model``; None: no prior). Returns a :class:`LocalMotionModel`.
     """
     from .motion import _refine_peaks, _rfft_weights, _separable_phase  # shared numerics of the global aligner
 
@@ -357,35 +373,28 @@ def estimate_local_motion(
     offsets = torch.zeros(n_p, 2, device=dev)
     meas = pred
     n_iter = 0
-    # rounds: the first with the cheap parabolic peak, then Newton-refined peaks until the model moves by
-    # < 0.01 px
-    precise = False
     for n_iter in range(1, max_iterations + 1):
-        if n_iter == max_iterations or n_iter > 1:
-            precise = True
         # cross power spectra with the leave-one-out references, fa·w·conj(Σ_u a_u − a_t), a_t = fa_t·e_t, written
         # as fa·w·conj(S) − |fa|²·w·conj(e_t) (one pass less over the stack); peak at the patch's residual shift
         phase = _separable_phase(pred / to_full, pky, pkx)  # (t, p, ph, pw')
         total = (fa * phase).sum(0, keepdim=True).conj() * wgt  # (1, p, ph, pw')
         cps = (fa * total).sub_(power * phase.conj_physical()).reshape(-1, ph, pw // 2 + 1)
         del phase, total
-        cc = torch.fft.irfft2(cps, s=(ph, pw))
-        cc = torch.where(window, cc, torch.full_like(cc, -torch.inf))
-        idx = cc.flatten(1).argmax(1)
-        s0 = torch.stack([gy[idx // pw], gx[idx % pw]], -1)
-        if precise:
+        if n_iter == 1:  # search: integer peak of the correlation map, parabolic sub-pixel offset
+            cc = torch.fft.irfft2(cps, s=(ph, pw))
+            cc = torch.where(window, cc, torch.full_like(cc, -torch.inf))
+            idx = cc.flatten(1).argmax(1)
+            meas = torch.stack([gy[idx // pw], gx[idx % pw]], -1) + _parabolic_offset(cc, idx)
             del cc
-            meas = _refine_peaks(cps, pky, pkx, mult, s0, 1.0, n_steps=3)
-        else:
-            meas = s0 + _parabolic_offset(cc, idx)
-            del cc
+        else:  # refine: Newton steps on the band-limited correlation from the previous round's peaks
+            meas = _refine_peaks(cps, pky, pkx, mult, (meas / to_full).reshape(-1, 2), 1.0, n_steps=2)
         del cps
         meas = meas.reshape(n_g, n_p, 2) * to_full
-        coeff, offsets, _ = _fit_model(meas, bt, m_space, control_grid, smoothness)
+        coeff, offsets, _ = _fit_model(meas, bt, m_space, control_grid, smoothness, prior_px)
         new_pred = torch.einsum("tj,pk,jkc->tpc", bt, m_space, coeff)
         change = float((new_pred - pred).norm(dim=-1).max())
         pred = new_pred
-        if precise and change < 0.01:
+        if n_iter > 1 and change < 0.02:
             break
     return LocalMotionModel(
         coefficients=coeff.reshape(time_degree, kyn, kxn, 2),
