@@ -235,7 +235,8 @@ def run_cryolive(source, pixel_size, dose_per_frame, device, mode):
 
 
 def profile_cryolive(frames, pixel_size, dose_per_frame, device, mode, top=25):
-    """cProfile of one in-memory ``align_movie``: where the time goes (torch ops show as builtins)."""
+    """cProfile of one in-memory ``align_movie`` in CPU seconds of this process (steady on a loaded machine; on
+    CUDA, kernels run asynchronously and the times land on synchronising calls): torch ops show as builtins."""
     import cProfile
     import pstats
 
@@ -245,7 +246,7 @@ def profile_cryolive(frames, pixel_size, dose_per_frame, device, mode, top=25):
 
     settings, kwargs = mode
     frames = frames.to(device)
-    pr = cProfile.Profile()
+    pr = cProfile.Profile(time.process_time) if device.type == "cpu" else cProfile.Profile()
     pr.enable()
     res = align_movie(frames, pixel_size, dose_per_frame, 300.0, settings, **kwargs)
     if device.type == "cuda":
