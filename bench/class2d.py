@@ -145,7 +145,7 @@ def run_stream(images, truth, K, box, pixel, n_batches, device, min_start=None):
     bs = int(np.ceil(n / n_batches))
     settings = Class2DSettings(n_classes=K, batch_size=bs, min_particles_to_start=min_start or bs)
     clf = StreamingClassifier2D(K, box, pixel, OPTICS, settings, device=device, seed=0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     first = None
     for i in range(0, n, bs):
         sl = slice(i, min(n, i + bs))
@@ -153,6 +153,7 @@ def run_stream(images, truth, K, box, pixel, n_batches, device, min_start=None):
         if first is None and clf.initialised:
             first = time.perf_counter() - t0
     seconds = time.perf_counter() - t0
+    clf.cpu_seconds = time.process_time() - c0
     result = clf.assign(images, *ctf_of(truth))
     return clf, result, seconds, first
 
@@ -160,8 +161,9 @@ def run_stream(images, truth, K, box, pixel, n_batches, device, min_start=None):
 def run_batch(images, truth, K, box, pixel, iterations, device):
     settings = Class2DSettings(n_classes=K, min_particles_to_start=images.shape[0])
     clf = StreamingClassifier2D(K, box, pixel, OPTICS, settings, device=device, seed=0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = clf.fit(images, *ctf_of(truth), n_iterations=iterations)
+    clf.cpu_seconds = time.process_time() - c0
     return clf, result, time.perf_counter() - t0
 
 
@@ -174,13 +176,15 @@ def report(name, clf, result, seconds, truth, box, pixel, n):
     sel = select_classes(class_statistics(snap)).numpy()
     kept = sel[np.clip(ci, 0, None)] & (ci >= 0)
     out = {
-        "seconds": seconds, "particles_per_second": n / seconds, "real_in_own_majority_classes": real,
+        "seconds": seconds, "particles_per_second": n / seconds, "cpu_seconds": clf.cpu_seconds,
+        "particles_per_cpu_second": n / clf.cpu_seconds, "real_in_own_majority_classes": real,
         "junk_in_junk_classes": junk, "classes_used": used, "frc_mean_to_8A": area, "resolution_frc05_angstrom": res,
         "real_classes_scored": n_cls, "selected_classes": int(sel.sum()),
         "selected_real_kept": float(kept[labels >= 0].mean()), "selected_junk_kept": float(kept[labels < 0].mean()),
         "alignment_resolution_angstrom": clf.alignment_resolution_angstrom,
     }
-    print(f"{name:>7}: {seconds:7.1f} s  {n / seconds:6.1f} particles/s  real in own-majority classes {real:.3f}  "
+    print(f"{name:>7}: {seconds:7.1f} s  {n / seconds:6.1f} particles/s (CPU {clf.cpu_seconds:.1f} s, "
+          f"{n / clf.cpu_seconds:.1f} particles per CPU-s)  real in own-majority classes {real:.3f}  "
           f"junk in junk classes {junk:.3f}  classes used {used}  FRC(avg, truth) mean to 8 Å {area:.3f}  "
           f"res@0.5 {res:.1f} Å  selection keeps real {out['selected_real_kept']:.3f} / junk "
           f"{out['selected_junk_kept']:.3f}", flush=True)
@@ -245,9 +249,10 @@ def main(argv=None):
     images, truth = simulate(n2, a.first_box, pixel2, a.seed + 1)
     settings = Class2DSettings(n_classes=a.classes, min_particles_to_start=a.first_n, batch_size=1000)
     clf = StreamingClassifier2D(a.classes, a.first_box, pixel2, OPTICS, settings, device=a.device, seed=0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     clf.update(images[: a.first_n], *ctf_of(truth, slice(0, a.first_n)))
     first = time.perf_counter() - t0
+    first_cpu = time.process_time() - c0
     t0 = time.perf_counter()
     for i in range(a.first_n, 2 * a.first_n, 1000):
         sl = slice(i, min(2 * a.first_n, i + 1000))
@@ -256,9 +261,10 @@ def main(argv=None):
     r = clf.assign(images[: 2 * a.first_n], *ctf_of(truth, slice(0, 2 * a.first_n)))
     real, junk, used = purity(r.class_index.cpu().numpy(), truth["structure_index"][: 2 * a.first_n].numpy())
     out["first_classes"] = {"box": a.first_box, "pixel_size": pixel2, "n": a.first_n, "seconds": first,
+                            "cpu_seconds": first_cpu,
                             "steady_particles_per_second": steady, "real_in_own_majority_classes": real,
                             "junk_in_junk_classes": junk}
-    print(f"first classes from {a.first_n} particles at box {a.first_box} ({pixel2:.2f} Å/px): {first:.1f} s; "
+    print(f"first classes from {a.first_n} particles at box {a.first_box} ({pixel2:.2f} Å/px): {first:.1f} s (CPU {first_cpu:.1f} s); "
           f"then {steady:.1f} particles/s; real in own-majority classes {real:.3f}, junk in junk classes {junk:.3f}",
           flush=True)
 
@@ -278,11 +284,15 @@ def main(argv=None):
                      amplitude_contrast=OPTICS.amplitude_contrast)
             res_json = Path(tmp) / "aspire.json"
             env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
-            t0 = time.perf_counter()
+            import resource
+
+            t0, ch0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = subprocess.run([str(py), str(ROOT / "bench" / "_aspire_class2d.py"), str(npz), str(res_json),
                                    "--n-classes", str(a.classes), "--n-nbor", "50"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             wall = time.perf_counter() - t0
+            ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            aspire_cpu = (ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)
             if proc.returncode:
                 print("ASPIRE failed:\n" + proc.stderr[-3000:])
                 asp = None
@@ -291,18 +301,22 @@ def main(argv=None):
         clf, res, sec, _ = run_stream(images[sub], {k: (v[sub] if torch.is_tensor(v) else v) for k, v in truth.items()},
                                       a.classes, a.first_box, pixel2, max(1, m // 1000) if m >= 2000 else 2, a.device)
         ours_real, ours_junk, _ = purity(res.class_index.cpu().numpy(), labels)
-        out["aspire_comparison"] = {"n": m, "cryolive_seconds": sec, "cryolive_real": ours_real, "cryolive_junk": ours_junk}
+        out["aspire_comparison"] = {"n": m, "cryolive_seconds": sec, "cryolive_cpu_seconds": clf.cpu_seconds,
+                                    "cryolive_real": ours_real, "cryolive_junk": ours_junk}
         if asp:
             a_real, a_junk = group_purity(asp["members"], labels)
             a_sec = asp["classify_seconds"] + asp["average_seconds"]
             out["aspire_comparison"].update({"aspire": asp | {"members": None}, "aspire_seconds": a_sec,
-                                             "aspire_wall_seconds": wall, "aspire_real": a_real, "aspire_junk": a_junk,
+                                             "aspire_wall_seconds": wall, "aspire_cpu_seconds": aspire_cpu,
+                                             "aspire_real": a_real, "aspire_junk": a_junk,
+                                             "cpu_ratio_aspire_over_cryolive": aspire_cpu / clf.cpu_seconds,
                                              "time_ratio_aspire_over_cryolive": a_sec / sec})
             print(f"ASPIRE {asp['aspire_version']} on {m} particles (box {a.first_box}): classify {asp['classify_seconds']:.1f} s "
                   f"+ average {asp['n_classes']} classes {asp['average_seconds']:.1f} s; real in own-majority groups "
                   f"{a_real:.3f}, junk in junk groups {a_junk:.3f}", flush=True)
             print(f"cryolive on the same {m}: {sec:.1f} s ({a.classes} classes, stream); real {ours_real:.3f}, junk "
-                  f"{ours_junk:.3f}; time ratio ASPIRE / cryolive {a_sec / sec:.1f}", flush=True)
+                  f"{ours_junk:.3f}; time ratio ASPIRE / cryolive {a_sec / sec:.1f} (wall), CPU "
+                  f"{aspire_cpu:.1f} s / {clf.cpu_seconds:.1f} s = {aspire_cpu / clf.cpu_seconds:.1f}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1, default=float))
     return out

@@ -168,7 +168,12 @@ class StreamingClassifier2D:
     this fraction of the batch size is re-processed from the buffer), ``mask_diameter_angstrom`` (soft circular
     mask of the averages; default 0.9 × box), ``chunk_size`` (particles per E-step chunk, bounds memory),
     ``initial_temperature`` (≥ 1: posteriors are flattened by this factor at the first EM pass over the start
-    set and annealed to 1 over the first half of the initial passes; 1 = no annealing).
+    set and annealed to 1 over the first half of the initial passes; 1 = no annealing), ``reseed_fraction``
+    (a class holding less than this fraction of its fair share ``1/K`` of the weight is re-seeded by splitting
+    the most populated class), ``stream_temperature`` / ``anneal_particles`` (posteriors of stream updates tempered
+    by 1/T at the start, sharpening to 1 by ``anneal_particles`` new particles; default off: it merged classes in
+    tests), ``use_class_prior`` (weight classes by their share in the E-step; default off: with young classes the
+    prior of the largest classes drew particles from small ones and classes collapsed).
 
     Attributes: ``initialised`` (True once the first classes exist), ``alignment_resolution_angstrom``.
     Methods: :meth:`update` (stream), :meth:`fit` (batch, same E/M-steps), :meth:`revisit`, :meth:`assign`
@@ -193,6 +198,10 @@ class StreamingClassifier2D:
         mask_diameter_angstrom: float | None = None,
         chunk_size: int = 64,
         initial_temperature: float = 1.0,
+        reseed_fraction: float = 0.25,
+        stream_temperature: float = 1.0,
+        anneal_particles: int | None = None,
+        use_class_prior: bool = False,
     ):
         if box_size_px % 2:
             raise ValueError("box_size_px must be even")
@@ -210,6 +219,10 @@ class StreamingClassifier2D:
         self.initial_temperature = float(initial_temperature)
         self.reference_oversampling = 3
         self.alignment_margin = 0.2  # the alignment limit runs this fraction of the class resolution (in shells) ahead
+        self.reseed_fraction = float(reseed_fraction)
+        self.stream_temperature = float(stream_temperature)
+        self.use_class_prior = bool(use_class_prior)
+        self.anneal_particles = int(anneal_particles if anneal_particles is not None else 5 * settings.min_particles_to_start)
         self.inverse_temperature = 1.0
         b, dev = self.b, self.device
         nyq = 2 * self.pixel_size
@@ -439,6 +452,8 @@ class StreamingClassifier2D:
         return rows, ncol, ey, ex
 
     def _class_prior(self):
+        if not self.use_class_prior:
+            return torch.zeros(self.K, device=self.device)
         w = self.weight.sum(0)
         p = (w + 1.0) / (w.sum() + self.K)
         return torch.log(p)
@@ -667,12 +682,12 @@ class StreamingClassifier2D:
         self.align_shell = int(min(self.b // 2, max(self.align_shell, min(target, self.align_shell + 3))))
 
     def _reseed_empty(self, x, par, half, e):
-        """Classes with (almost) no weight are re-seeded by splitting the most populated class: the batch's
+        """Classes with less than ``reseed_fraction / K`` of the weight are re-seeded by splitting the most populated class: the batch's
         particles of that class that fit it worst (half of them, at their poses) become the new class, so it
         starts from a group of real images (a sub-view, or the junk hiding in a big class) instead of a single
         noisy particle that no other particle would follow."""
         w = self.weight.sum(0).clone()
-        empty = torch.nonzero(w < 0.05 * w.sum() / self.K).flatten()
+        empty = torch.nonzero(w < self.reseed_fraction * w.sum() / self.K).flatten()
         if empty.numel() == 0:
             return
         kb, ll = e["best_class"], e["best_ll"]
@@ -750,6 +765,18 @@ class StreamingClassifier2D:
         finally:
             self.inverse_temperature = 1.0
 
+    def _stream_inverse_temperature(self) -> float:
+        """Annealing of the stream: posteriors are tempered by ``1/stream_temperature`` when the classes start and
+        sharpen geometrically to 1 once ``anneal_particles`` new particles have been seen, so that while the
+        classes are young a particle spreads over the classes it fits almost equally well (class similarity)
+        instead of feeding the largest class, whose average is the least noisy."""
+        t0 = self.stream_temperature
+        start = float(self.settings.min_particles_to_start)
+        if t0 <= 1 or self.n_seen >= self.anneal_particles:
+            return 1.0
+        f = max(0.0, (self.n_seen - start) / max(1.0, self.anneal_particles - start))
+        return float(t0 ** (f - 1.0))
+
     def _em_pass(self, x, par, half, gamma: float):
         e = self._expectation(x, par)
         stats = self._batch_statistics(x, par, half, e)
@@ -810,7 +837,11 @@ class StreamingClassifier2D:
                 )
             self._start_from_pending()
             return self._result(self._expectation(x, par))
-        e = self._em_pass(x, par, half, self._gamma(n))
+        self.inverse_temperature = self._stream_inverse_temperature()
+        try:
+            e = self._em_pass(x, par, half, self._gamma(n))
+        finally:
+            self.inverse_temperature = 1.0
         self.n_updates += 1
         if self.revisit_fraction > 0:
             self.revisit(int(round(self.revisit_fraction * n)))
