@@ -288,7 +288,7 @@ def main(argv=None):
 
             t0, ch0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = subprocess.run([str(py), str(ROOT / "bench" / "_aspire_class2d.py"), str(npz), str(res_json),
-                                   "--n-classes", str(a.classes), "--n-nbor", "50"], env=env,
+                                   "--n-classes", str(a.classes), "--n-nbor", "50"], env=env, cwd=tmp,  # ASPIRE logs into its cwd
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             wall = time.perf_counter() - t0
             ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
