@@ -47,6 +47,9 @@ PICKER = typer.Option("blob", "--picker", help="blob (reference-free), template 
 TEMPLATES = typer.Option(None, "--templates", help="MRC stack of picking templates (2D class averages or "
                          "projections, particles white); pixel size from its header")
 PICKER_MODEL = typer.Option(None, "--picker-model", help="a learned picker saved by LearnedPicker.save")
+TEMPLATES_FROM_2D = typer.Option(False, "--templates-from-2d", help="once 2D classes are selected (automatically "
+                                 "or on the dashboard), pick new exposures with templates from the selected class "
+                                 "averages (OUT/class2d/templates.mrcs)")
 DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto")
 WORKERS = typer.Option(2, "--workers", help="worker processes for the per-exposure stages (0: in this process)")
 N_CLASSES = typer.Option(20, "--classes", help="number of 2D classes")
@@ -80,7 +83,7 @@ def _patch_grid(text: str) -> tuple[int, int]:
 def _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y, particle_diameter,
               symmetry, device, workers, n_classes, min_particles_2d, pattern, write_no_dw, eer_upsampling=1,
               eer_fraction_frames=None, eer_total_dose=None, motion_patches="5x5", picker="blob", templates=None,
-              picker_model=None):
+              picker_model=None, templates_from_2d=False):
     from .config import Class2DSettings, EerSettings, MotionSettings, Optics, PickingSettings, Settings
 
     if eer_upsampling not in (1, 2, 4):
@@ -88,7 +91,8 @@ def _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain,
     try:
         picking = PickingSettings(particle_diameter_angstrom=particle_diameter, picker=picker,
                                   templates_path=str(Path(templates).resolve()) if templates else None,
-                                  learned_model_path=str(Path(picker_model).resolve()) if picker_model else None)
+                                  learned_model_path=str(Path(picker_model).resolve()) if picker_model else None,
+                                  templates_from_2d=templates_from_2d)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         errors = getattr(exc, "errors", None)
         msg = "; ".join(e.get("msg", "") for e in errors()) if callable(errors) else str(exc)
@@ -294,6 +298,7 @@ def process(
     eer_total_dose: Optional[float] = EER_TOTAL_DOSE, motion_patches: str = PATCHES, verbose: bool = VERBOSE,
     thresholds: Optional[Path] = THRESHOLDS_FILE, threshold: Optional[list[str]] = THRESHOLD,
     picker: str = PICKER, templates: Optional[Path] = TEMPLATES, picker_model: Optional[Path] = PICKER_MODEL,
+    templates_from_2d: bool = TEMPLATES_FROM_2D,
 ):
     """Process the movies that are there, to the end of the pipeline, and exit.
 
@@ -309,7 +314,7 @@ def process(
     settings = _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y,
                          particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
                          write_no_dw, eer_upsampling, eer_fraction_frames, eer_total_dose, motion_patches,
-                         picker, templates, picker_model)
+                         picker, templates, picker_model, templates_from_2d)
     _check_device(settings)
     _check_gain(settings)
     _check_gain_orientation(settings, movies)
@@ -330,6 +335,7 @@ def live(
     eer_upsampling: int = EER_UPSAMPLING, eer_fraction_frames: Optional[int] = EER_FRACTION,
     eer_total_dose: Optional[float] = EER_TOTAL_DOSE, motion_patches: str = PATCHES,
     picker: str = PICKER, templates: Optional[Path] = TEMPLATES, picker_model: Optional[Path] = PICKER_MODEL,
+    templates_from_2d: bool = TEMPLATES_FROM_2D,
     settle: float = typer.Option(3.0, "--settle", help="seconds a file's size and mtime must stay unchanged"),
     stop_after_idle: Optional[float] = typer.Option(None, "--stop-after-idle",
                                                     help="stop after this many seconds without new movies"),
@@ -354,7 +360,7 @@ def live(
     settings = _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y,
                          particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
                          write_no_dw, eer_upsampling, eer_fraction_frames, eer_total_dose, motion_patches,
-                         picker, templates, picker_model)
+                         picker, templates, picker_model, templates_from_2d)
     _check_device(settings)
     _check_gain(settings)
     curation_thresholds = _thresholds(settings, thresholds, threshold)

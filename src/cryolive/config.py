@@ -92,6 +92,11 @@ class PickingSettings(BaseModel):
     templates_pixel_size_angstrom: float | None = Field(None, gt=0, description="None: from the MRC header")
     template_angle_step_deg: float = Field(10.0, gt=0, le=180, description="in-plane rotation step, degrees")
     learned_model_path: str | None = Field(None, description="a LearnedPicker saved with LearnedPicker.save")
+    templates_from_2d: bool = Field(
+        False, description="live: pick with this picker until 2D classes are selected, then with templates made "
+        "from the selected class averages (OUT/class2d/templates.mrcs, rewritten as the classes and the selection "
+        "change)"
+    )
 
     @model_validator(mode="after")
     def _picker_inputs(self):

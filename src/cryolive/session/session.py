@@ -187,6 +187,8 @@ class Session:
     def _submit_pending(self) -> None:
         if self.paused:
             return
+        if self.settings.picking.templates_from_2d:
+            self.class2d.apply_selection()  # a selection made on the dashboard becomes templates before submitting
         capacity = getattr(self.executor, "capacity", 1)
         busy = set(self._in_flight.values())
         pending = self.store.exposures("pending")
@@ -202,9 +204,26 @@ class Session:
             if exp.id in busy:
                 continue
             self.store.mark_processing(exp.id)
-            fut = self.executor.submit(process_exposure, exp.path, self.settings, str(self.out), self.stages,
-                                       self.frame_shape)
+            fut = self.executor.submit(process_exposure, exp.path, self.submission_settings(), str(self.out),
+                                       self.stages, self.frame_shape)
             self._in_flight[fut] = exp.id
+
+    def submission_settings(self) -> Settings:
+        """The settings a new exposure is processed with: the session's, except that with
+        ``picking.templates_from_2d`` the picker becomes ``template`` on ``OUT/class2d/templates.mrcs`` once the
+        2D stage has written templates from selected classes (their picking results carry that settings hash)."""
+        picking = self.settings.picking
+        if not picking.templates_from_2d or picking.picker == "template":
+            return self.settings
+        info = self.store.get_value(TEMPLATES_KEY)
+        if not info or not info.get("n"):
+            return self.settings
+        path = self.out / info["path"]
+        if not path.is_file():
+            return self.settings
+        new = picking.model_copy(update={"picker": "template", "templates_path": str(path),
+                                         "templates_pixel_size_angstrom": None})
+        return self.settings.model_copy(update={"picking": new})
 
     def step(self, timeout: float | None = 1.0) -> int:
         """Submit pending exposures, wait up to ``timeout`` s for results, record them. Returns how many."""
@@ -660,6 +679,7 @@ class Class2DStage:
             "cryoliveEffectiveSampleSize": stats.effective_sample_size.numpy().astype(np.float64),
         })
         write_star(self.out / "class2d" / "classes.star", {"model_classes": table})
+        self._write_templates(averages, selected, self.classifier.pixel_size)
         self.n_classes_active = int(selected.sum())
         self.store.set_value("class2d_particles_seen", self.n_particles_seen)
         self.store.set_value("class2d_n_classes", self.n_classes_active)
@@ -682,13 +702,39 @@ class Class2DStage:
         table["cryoliveSelected"] = np.isin(table["rlnClassNumber"].to_numpy(), chosen).astype(int)
         write_star(path, {"model_classes": table})
         self._manual_applied = manual
+        stack = self.out / "class2d" / "classes.mrcs"
+        if stack.is_file():
+            from ..io.mrc import read_mrc
+
+            averages, px = read_mrc(stack)
+            averages = averages if averages.ndim == 3 else averages[None]
+            if len(averages) == len(table):
+                self._write_templates(averages, table["cryoliveSelected"].to_numpy().astype(bool), px)
         self.n_classes_active = int(table["cryoliveSelected"].sum())
         self.store.set_value("class2d_n_classes", self.n_classes_active)
         log.info("2D: class selection from %s applied (%d classes)", manual.get("by"), self.n_classes_active)
         return True
 
 
+    def _write_templates(self, averages: np.ndarray, selected: np.ndarray, pixel_size: float) -> None:
+        """Write the selected class averages as picking templates (``OUT/class2d/templates.mrcs``, particles
+        white, pixel size in the header) and record them under the store key ``class2d_templates``; with
+        ``picking.templates_from_2d`` new exposures are then picked with them (:meth:`Session.submission_settings`)."""
+        from ..io.mrc import write_mrc
+
+        selected = np.asarray(selected, dtype=bool)
+        if not selected.any():
+            return
+        rel = "class2d/templates.mrcs"
+        write_mrc(self.out / rel, np.asarray(averages)[selected], float(pixel_size), stack=True)
+        classes = (np.flatnonzero(selected) + 1).tolist()
+        previous = self.store.get_value(TEMPLATES_KEY) or {}
+        self.store.set_value(TEMPLATES_KEY, {"path": rel, "n": len(classes), "classes": classes,
+                                             "version": int(previous.get("version", 0)) + 1})
+
+
 MANUAL_SELECTION_KEY = "class2d_manual_selection"  # written by the dashboard (cryolive.server)
+TEMPLATES_KEY = "class2d_templates"  # the picking templates from the selected classes (Class2DStage)
 
 
 def select_classes(distribution: np.ndarray, resolution_angstrom: np.ndarray) -> np.ndarray:
