@@ -14,12 +14,14 @@ name                         stage       exposures.star column        if measure
 motion_total_angstrom        motion      rlnAccumMotionTotal          reject
 motion_early_angstrom        motion      rlnAccumMotionEarly          reject
 motion_late_angstrom         motion      rlnAccumMotionLate           reject
+max_local_motion_angstrom    motion      cryoliveMaxLocalMotionAngst. ignore (global alignment only)
 ctf_resolution_angstrom      ctf         rlnCtfMaxResolution          reject (CTF fit failed)
 ctf_figure_of_merit          ctf         rlnCtfFigureOfMerit          reject
 defocus_angstrom             ctf         (rlnDefocusU+V)/2            reject
 astigmatism_angstrom         ctf         rlnCtfAstigmatism            reject
 ice_thickness                ctf         cryoliveIceThicknessAngstrom ignore (pixel > 1.7 Å)
 stage_tilt_deg               ctf         cryoliveStageTiltDeg         ignore (micrograph too small)
+carbon_heterogeneity         ctf         cryoliveCarbonHeterogeneity  ignore
 particle_count               extraction  cryoliveParticleCount        ignore
 mean_pick_score              picking     cryoliveMeanPickScore        ignore (no picks)
 median_pick_score            picking     cryoliveMedianPickScore      ignore (no picks)
@@ -83,6 +85,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "accumulated motion over the first 4 e/Å²"),
     Metric("motion_late_angstrom", "motion", "rlnAccumMotionLate", "Å", "reject",
            "accumulated motion after the first 4 e/Å²"),
+    Metric("max_local_motion_angstrom", "motion", "cryoliveMaxLocalMotionAngstrom", "Å", "ignore",
+           "largest deviation of the local (patch) motion from the global trajectory (NaN: global only)"),
     Metric("ctf_resolution_angstrom", "ctf", "rlnCtfMaxResolution", "Å", "reject",
            "resolution to which the CTF fit holds (smaller is better)"),
     Metric("ctf_figure_of_merit", "ctf", "rlnCtfFigureOfMerit", "", "reject", "CTF fit figure of merit"),
@@ -93,6 +97,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "relative ice thickness (ranks exposures; NaN when the pixel is > 1.7 Å)"),
     Metric("stage_tilt_deg", "ctf", "cryoliveStageTiltDeg", "°", "ignore",
            "stage tilt from the defocus landscape (NaN on small micrographs)"),
+    Metric("carbon_heterogeneity", "ctf", "cryoliveCarbonHeterogeneity", "", "ignore",
+           "tile-power contrast at 12–40 Å (≈1.1–1.25 on ice; above CTFSettings.carbon_heterogeneity_threshold, "
+           "1.35 by default, the CTF stage flags carbon)"),
     Metric("particle_count", "extraction", "cryoliveParticleCount", "", "ignore", "particles extracted"),
     Metric("mean_pick_score", "picking", "cryoliveMeanPickScore", "", "ignore", "mean score of the picks"),
     Metric("median_pick_score", "picking", "cryoliveMedianPickScore", "", "ignore", "median score of the picks"),
@@ -115,6 +122,8 @@ class Thresholds(BaseModel):
     max_motion_early_angstrom: float | None = None
     min_motion_late_angstrom: float | None = None
     max_motion_late_angstrom: float | None = None
+    min_max_local_motion_angstrom: float | None = None
+    max_max_local_motion_angstrom: float | None = None
     min_ctf_resolution_angstrom: float | None = None
     max_ctf_resolution_angstrom: float | None = None
     min_ctf_figure_of_merit: float | None = None
@@ -127,6 +136,8 @@ class Thresholds(BaseModel):
     max_ice_thickness: float | None = None
     min_stage_tilt_deg: float | None = None
     max_stage_tilt_deg: float | None = None
+    min_carbon_heterogeneity: float | None = None
+    max_carbon_heterogeneity: float | None = None
     min_particle_count: float | None = None
     max_particle_count: float | None = None
     min_mean_pick_score: float | None = None

@@ -21,17 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..preprocess.curation import METRICS as _CURATION_METRICS
 from ..session.session import MANUAL_SELECTION_KEY as CLASS_SELECTION_KEY
 from ..session.store import SessionStore
 from . import curation_bridge as cb
 from .png import bin_image, encode_png, to_uint8
 
 # columns of the exposure table sent to the dashboard: name → (stage, metric key or callable)
-METRIC_COLUMNS = (
-    "defocus_angstrom", "astigmatism_angstrom", "ctf_resolution_angstrom", "ctf_figure_of_merit",
-    "motion_total_angstrom", "motion_early_angstrom", "motion_late_angstrom", "ice_thickness",
-    "stage_tilt_deg", "particle_count", "mean_pick_score", "median_pick_score",
-)
+
+METRIC_COLUMNS = tuple(_CURATION_METRICS)  # every curation metric (cryolive.preprocess.curation.METRICS)
 
 
 class NotFound(LookupError):

@@ -61,11 +61,13 @@ STORE_KEYS = {
     "motion_total_angstrom": ("motion", "accum_motion_total"),
     "motion_early_angstrom": ("motion", "accum_motion_early"),
     "motion_late_angstrom": ("motion", "accum_motion_late"),
+    "max_local_motion_angstrom": ("motion", "max_local_deviation_angstrom"),
     "ctf_resolution_angstrom": ("ctf", "max_resolution_angstrom"),
     "ctf_figure_of_merit": ("ctf", "figure_of_merit"),
     "astigmatism_angstrom": ("ctf", "astigmatism"),
     "ice_thickness": ("ctf", "ice_thickness_angstrom"),
     "stage_tilt_deg": ("ctf", "stage_tilt_deg"),
+    "carbon_heterogeneity": ("ctf", "carbon_heterogeneity"),
     "mean_pick_score": ("picking", "mean_pick_score"),
     "median_pick_score": ("picking", "median_pick_score"),
 }
@@ -79,9 +81,9 @@ _STAR_EXTRA = {
 
 EXPOSURES_STAR_COLUMNS = [
     "rlnMicrographMovieName", "rlnMicrographName", "rlnOpticsGroup", "rlnAccumMotionTotal",
-    "rlnAccumMotionEarly", "rlnAccumMotionLate", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle",
+    "rlnAccumMotionEarly", "rlnAccumMotionLate", "cryoliveMaxLocalMotionAngstrom", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle",
     "rlnCtfAstigmatism", "rlnCtfMaxResolution", "rlnCtfFigureOfMerit", "cryoliveIceThicknessAngstrom",
-    "cryoliveStageTiltDeg", "cryoliveTiltAxisDeg", "cryoliveParticleCount", "cryoliveMeanPickScore",
+    "cryoliveStageTiltDeg", "cryoliveTiltAxisDeg", "cryoliveCarbonHeterogeneity", "cryoliveParticleCount", "cryoliveMeanPickScore",
     "cryoliveMedianPickScore", "cryoliveAccepted", "cryoliveDecision", "cryoliveRejectionReason",
     "cryoliveManualOverride",
 ]
@@ -241,6 +243,7 @@ def exposures_star_frame(table: ExposureTable, decision: Decision) -> pd.DataFra
         "rlnAccumMotionTotal": f["motion_total_angstrom"].to_numpy(),
         "rlnAccumMotionEarly": f["motion_early_angstrom"].to_numpy(),
         "rlnAccumMotionLate": f["motion_late_angstrom"].to_numpy(),
+        "cryoliveMaxLocalMotionAngstrom": f["max_local_motion_angstrom"].to_numpy(),
         "rlnDefocusU": f["rlnDefocusU"].to_numpy(), "rlnDefocusV": f["rlnDefocusV"].to_numpy(),
         "rlnDefocusAngle": f["rlnDefocusAngle"].to_numpy(),
         "rlnCtfAstigmatism": f["astigmatism_angstrom"].to_numpy(),
@@ -249,6 +252,7 @@ def exposures_star_frame(table: ExposureTable, decision: Decision) -> pd.DataFra
         "cryoliveIceThicknessAngstrom": f["ice_thickness"].to_numpy(),
         "cryoliveStageTiltDeg": f["stage_tilt_deg"].to_numpy(),
         "cryoliveTiltAxisDeg": f["cryoliveTiltAxisDeg"].to_numpy(),
+        "cryoliveCarbonHeterogeneity": f["carbon_heterogeneity"].to_numpy(),
         "cryoliveParticleCount": np.nan_to_num(f["particle_count"].to_numpy()).astype(int),
         "cryoliveMeanPickScore": f["mean_pick_score"].to_numpy(),
         "cryoliveMedianPickScore": f["median_pick_score"].to_numpy(),

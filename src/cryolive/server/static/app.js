@@ -9,9 +9,11 @@ const METRICS = [
   ["motion_total_angstrom", "total motion", "Å"],
   ["motion_early_angstrom", "early motion", "Å"],
   ["motion_late_angstrom", "late motion", "Å"],
+  ["max_local_motion_angstrom", "largest local motion", "Å"],
   ["ice_thickness", "ice thickness (relative)", ""],
   ["particle_count", "particles", ""],
   ["stage_tilt_deg", "stage tilt", "°"],
+  ["carbon_heterogeneity", "carbon (tile contrast)", ""],
   ["mean_pick_score", "mean pick score", ""],
 ];
 const COLOURS = { 0: "#d33", 1: "#2a2", 2: "#999" };  // rejected, accepted, pending
