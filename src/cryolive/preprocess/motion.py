@@ -52,7 +52,13 @@ __all__ = [
     "correct_defects",
 ]
 
-_CHUNK = 8  # frames transformed at once (bounds memory for large movies)
+_CHUNK = 8  # frames transformed at once at most (bounds memory for large movies)
+_CHUNK_BYTES = 96 * 2**20  # budget of one chunk's temporary stack
+
+
+def _chunk_for(bytes_per_frame: int) -> int:
+    """Frames per chunk so that a temporary stack of ``bytes_per_frame`` each stays within ``_CHUNK_BYTES``."""
+    return max(1, min(_CHUNK, _CHUNK_BYTES // max(int(bytes_per_frame), 1)))
 _MIN_PATCH_PX = 192  # smallest patch (full-size pixels) worth aligning on its own
 
 
@@ -152,20 +158,29 @@ def _refine_peaks(
     cps: ``(n, ny, nx)`` weighted cross power spectra (rfft layout, ``mult (ny, nx)`` column multiplicities);
     ky1 ``(ny,)``, kx1 ``(nx,)``: frequencies in cycles/px; s0: ``(n, 2)`` starting points (integer-grid
     peaks) in px. Steps are limited to ``step_px`` per iteration; a non-concave point keeps its start.
+
+    The phase is separable per axis, so the value's derivatives ``M[p, q] = Σ_k ky^p kx^q C(k) e^{2πi k·s}``
+    (p, q ≤ 2) come from two small batched matrix products, ``(n, 3, ny) @ (n, ny, nx) @ (n, nx, 3)``,
+    without any full-size temporary.
     """
     two_pi = 2.0 * math.pi
-    c = cps * mult
     s = s0.clone()
+    ky1 = ky1.to(torch.float32)
+    kx1 = kx1.to(torch.float32)
+    mx = mult[0].to(torch.float32) if mult.ndim == 2 else mult.to(torch.float32)  # multiplicity per column
+    pow_y = torch.stack([torch.ones_like(ky1), ky1, ky1 * ky1])  # (3, ny)
+    pow_x = torch.stack([mx, mx * kx1, mx * kx1 * kx1])  # (3, nx)
     for _ in range(n_steps):
-        z = c * _separable_phase(s, ky1, kx1)
-        re, im = z.real, z.imag
-        re_r, im_r = re.sum(-1), im.sum(-1)  # (n, ny)
-        re_c, im_c = re.sum(-2), im.sum(-2)  # (n, nx)
-        gy = -two_pi * (im_r * ky1).sum(-1)
-        gx = -two_pi * (im_c * kx1).sum(-1)
-        hyy = -(two_pi**2) * (re_r * ky1**2).sum(-1)
-        hxx = -(two_pi**2) * (re_c * kx1**2).sum(-1)
-        hxy = -(two_pi**2) * ((re * ky1[:, None]).sum(-2) * kx1).sum(-1)
+        ay = two_pi * s[:, 0, None] * ky1  # (n, ny)
+        ax = two_pi * s[:, 1, None] * kx1  # (n, nx)
+        ey = torch.polar(torch.ones_like(ay), ay)[:, None, :] * pow_y  # (n, 3, ny)
+        ex = torch.polar(torch.ones_like(ax), ax)[:, None, :] * pow_x  # (n, 3, nx)
+        m = torch.bmm(torch.bmm(ey, cps), ex.transpose(1, 2))  # (n, 3, 3)
+        gy = -two_pi * m[:, 1, 0].imag
+        gx = -two_pi * m[:, 0, 1].imag
+        hyy = -(two_pi**2) * m[:, 2, 0].real
+        hxx = -(two_pi**2) * m[:, 0, 2].real
+        hxy = -(two_pi**2) * m[:, 1, 1].real
         det = hyy * hxx - hxy * hxy
         concave = (hyy < 0) & (det > 0)
         det = torch.where(concave, det, torch.ones_like(det))
@@ -178,7 +193,7 @@ def _refine_peaks(
         s = s + d
         if float(norm.max()) < 1e-3:
             break
-    # never wander further than one coarse grid step from the integer peak
+    # never wander further than one coarse grid step from the starting point
     off = s - s0
     too_far = off.norm(dim=-1) > 1.5 * step_px
     return torch.where(too_far[:, None], s0, s)
@@ -250,41 +265,58 @@ def align_movie(
     weight = torch.exp(-settings.bfactor_angstrom2 * k2 / 4.0)
     weight[0, 0] = 0.0
 
-    # low-frequency transforms of all frames, (t, hc, wc')
+    # low-frequency transforms of all frames, (t, hc, wc'): the only stack kept (complex64, a fraction of the
+    # movie's size); frames are transformed a few at a time so that no full-size stack is ever built
     small = torch.empty(t, hc, wc // 2 + 1, dtype=torch.complex64, device=dev)
-    for i in range(0, t, _CHUNK):
-        ft = torch.fft.rfft2(frames[i : i + _CHUNK].to(torch.float32))
-        small[i : i + _CHUNK] = _crop_rfft(ft, h, hc, wc)
-    del ft
+    ck_full = _chunk_for(h * (w // 2 + 1) * 8)
+    for i in range(0, t, ck_full):
+        ft = torch.fft.rfft2(frames[i : i + ck_full].to(torch.float32))
+        small[i : i + ck_full] = _crop_rfft(ft, h, hc, wc)
+        del ft
     # integer-grid step of the cropped correlation map in full-size pixels, and its search window
     step_y, step_x = h / hc, w / wc
     gy = torch.fft.fftfreq(hc, d=1.0 / hc, device=dev) * step_y  # (hc,) full px
     gx = torch.fft.fftfreq(wc, d=1.0 / wc, device=dev) * step_x
     window = (gy[:, None] ** 2 + gx[None, :] ** 2) <= max_shift_px**2  # (hc, wc)
+    ky1, kx1 = ky[:, 0].contiguous(), kx[0].contiguous()
+    ck = _chunk_for(hc * (wc // 2 + 1) * 8)
 
     shifts = torch.zeros(t, 2, dtype=torch.float32, device=dev)
     n_iter = 0
     local = None
     if t > 1:
+        change = math.inf
         for n_iter in range(1, settings.max_iterations + 1):
-            # frame t aligned: shift by -s_t
-            aligned = small * _separable_phase(shifts, ky[:, 0], kx[0])
-            total = aligned.sum(0)
-            ref = total[None] - aligned  # leave-one-out references, (t, hc, wc')
-            cps = small * ref.conj() * weight  # peak at +s_t
-            cc = torch.fft.irfft2(cps, s=(hc, wc))
-            cc = torch.where(window, cc, torch.full_like(cc, -torch.inf))
-            idx = cc.flatten(1).argmax(1)
-            iy, ix = idx // wc, idx % wc
-            s0 = torch.stack([gy[iy], gx[ix]], -1)
-            new = _refine_peaks(cps, ky[:, 0], kx[0], mult, s0, max(step_y, step_x))
+            # frame t aligned: shift by -s_t; the aligned sum accumulated chunk by chunk
+            total = torch.zeros(hc, wc // 2 + 1, dtype=torch.complex64, device=dev)
+            for i in range(0, t, ck):
+                total += (small[i : i + ck] * _separable_phase(shifts[i : i + ck], ky1, kx1)).sum(0)
+            # search the correlation map while the trajectory still moves by more than a fraction of a pixel;
+            # afterwards Newton steps from the previous estimates suffice
+            search = n_iter == 1 or change > 0.5
+            new = torch.empty_like(shifts)
+            for i in range(0, t, ck):
+                sl = slice(i, i + ck)
+                # leave-one-out references Σ_u a_u − a_t; cross power spectrum small_t · conj(ref) · w, peak at +s_t
+                cps = (small[sl] * _separable_phase(shifts[sl], ky1, kx1)).neg_().add_(total).conj_physical_()
+                cps.mul_(small[sl]).mul_(weight)
+                if search:
+                    cc = torch.fft.irfft2(cps, s=(hc, wc))
+                    cc.masked_fill_(~window, -torch.inf)
+                    idx = cc.flatten(1).argmax(1)
+                    del cc
+                    s0 = torch.stack([gy[idx // wc], gx[idx % wc]], -1)
+                else:
+                    s0 = shifts[sl]  # the reference lies in frame 1's coordinates: frame t's peak is near s_t
+                new[sl] = _refine_peaks(cps, ky1, kx1, mult, s0, max(step_y, step_x))
+                del cps
             new = _smooth_trajectory(new, smoothness)
             new = new - new[0:1]
             change = float((new - shifts).norm(dim=-1).max())
             shifts = new
             if change < 0.01:
                 break
-        del aligned, total, ref, cps, cc
+        del total
         grid = _usable_patch_grid((h, w), tuple(settings.patch_grid))
         if grid[0] * grid[1] > 1 and t >= 3:
             local = estimate_local_motion(
@@ -303,7 +335,8 @@ def align_movie(
 
     mic, mic_nodw = sum_frames_local(frames, shifts, local, pixel_size_angstrom, dose_per_frame, voltage_kv,
                                      pre_exposure, settings.dose_weighting, want_plain=True,
-                                     group_tolerance_px=settings.warp_group_tolerance_px, chunk=_CHUNK)
+                                     group_tolerance_px=settings.warp_group_tolerance_px,
+                                     chunk=_chunk_for(h * (w // 2 + 1) * 8))
     if mic is None:
         mic = mic_nodw.clone()
     power = tile_power_spectrum(mic_nodw, settings.power_spectrum_tile_px) if settings.power_spectrum else None

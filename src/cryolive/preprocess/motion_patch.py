@@ -305,7 +305,7 @@ def estimate_local_motion(
     """
     from .motion import _refine_peaks, _rfft_weights, _separable_phase  # shared numerics of the global aligner
 
-    from .motion import _alignment_crop, _crop_rfft
+    from .motion import _alignment_crop, _chunk_for, _crop_rfft
 
     (h, w), (hc, wc) = full_shape, crop_shape
     t = small.shape[0]
@@ -321,33 +321,37 @@ def estimate_local_motion(
     ky_c = torch.fft.fftfreq(hc, device=dev)
     ky_c = torch.cat([ky_c[: hc // 2], ky_c[hc - hc // 2 :]]) * (hc / h)  # cycles per full px of the crop rows
     kx_c = torch.arange(wc // 2 + 1, device=dev, dtype=torch.float32) / w
-    img = torch.fft.irfft2(small * _separable_phase(global_shifts, ky_c, kx_c), s=(hc, wc))  # (t, hc, wc)
-
     # patches in crop pixels
     _, boxes, (ph, pw) = _patch_layout(hc, wc, patch_grid, patch_size_factor)
     n_p = len(boxes)
-    patches = torch.stack([img[:, y0 : y0 + ph, x0 : x0 + pw] for (y0, x0) in boxes], 1)  # (t, p, ph, pw)
-    del img
-    patches = patches - patches.mean(dim=(-2, -1), keepdim=True)
     win_y, win_x = _tukey_1d(ph, dev), _tukey_1d(pw, dev)
-    fa = torch.fft.rfft2(patches * (win_y[:, None] * win_x[None, :]))  # (t, p, ph, pw//2+1)
+    win = win_y[:, None] * win_x[None, :]
     # consecutive frames summed in groups of `frame_group` (more signal per measurement, less work)
     frame_group = max(1, min(int(frame_group), t // 3))
     group_index = torch.arange(t, device=dev) // frame_group  # (t,)
     n_g = int(group_index[-1]) + 1
-    if frame_group > 1:
-        fa = torch.zeros(n_g, *fa.shape[1:], dtype=fa.dtype, device=dev).index_add_(0, group_index, fa)
+    # patch spectra of the globally aligned frames, accumulated per group: (g, p, ph, pw'); frames are brought
+    # back to real space a few at a time, so that neither the aligned stack nor all frames' patches exist at once
+    fa = torch.zeros(n_g, n_p, ph, pw // 2 + 1, dtype=torch.complex64, device=dev)
+    ck = _chunk_for(max(hc * wc * 4, n_p * ph * pw * 4))
+    for i in range(0, t, ck):
+        img = torch.fft.irfft2(small[i : i + ck] * _separable_phase(global_shifts[i : i + ck], ky_c, kx_c),
+                               s=(hc, wc))  # (c, hc, wc)
+        patches = torch.stack([img[:, y0 : y0 + ph, x0 : x0 + pw] for (y0, x0) in boxes], 1)  # (c, p, ph, pw)
+        del img
+        patches -= patches.mean(dim=(-2, -1), keepdim=True)
+        patches *= win
+        fa.index_add_(0, group_index[i : i + ck], torch.fft.rfft2(patches))
+        del patches
     avg = torch.zeros(n_g, t, device=dev)
     avg[group_index, torch.arange(t, device=dev)] = 1.0
     avg = avg / avg.sum(1, keepdim=True)  # (g, t) mean over each group's frames
-    del patches
     pky = torch.fft.fftfreq(ph, device=dev)  # cycles per crop px
     pkx = torch.fft.rfftfreq(pw, device=dev)
     k2 = ((pky[:, None] / sy) ** 2 + (pkx[None, :] / sx) ** 2) / pixel_size_angstrom**2  # 1/Å²
     wgt = torch.exp(-bfactor_angstrom2 * k2 / 4.0)
     wgt[0, 0] = 0.0
     mult = _rfft_weights(ph, pw, dev)
-    power = fa.abs().square() * wgt  # (t, p, ph, pw'), for the leave-one-out cross spectra
     gy = torch.fft.fftfreq(ph, d=1.0 / ph, device=dev)  # integer lags, crop px
     gx = torch.fft.fftfreq(pw, d=1.0 / pw, device=dev)
     window = ((gy[:, None] * sy) ** 2 + (gx[None, :] * sx) ** 2) <= max_local_shift_px**2
@@ -372,24 +376,34 @@ def estimate_local_motion(
     coeff = torch.zeros(time_degree, kyn * kxn, 2, device=dev)
     offsets = torch.zeros(n_p, 2, device=dev)
     meas = pred
+    pck = _chunk_for(n_g * ph * (pw // 2 + 1) * 8)  # patches per chunk of the measurement loop
     n_iter = 0
     for n_iter in range(1, max_iterations + 1):
         # cross power spectra with the leave-one-out references, fa·w·conj(Σ_u a_u − a_t), a_t = fa_t·e_t, written
-        # as fa·w·conj(S) − |fa|²·w·conj(e_t) (one pass less over the stack); peak at the patch's residual shift
-        phase = _separable_phase(pred / to_full, pky, pkx)  # (t, p, ph, pw')
-        total = (fa * phase).sum(0, keepdim=True).conj() * wgt  # (1, p, ph, pw')
-        cps = (fa * total).sub_(power * phase.conj_physical()).reshape(-1, ph, pw // 2 + 1)
-        del phase, total
-        if n_iter == 1:  # search: integer peak of the correlation map, parabolic sub-pixel offset
-            cc = torch.fft.irfft2(cps, s=(ph, pw))
-            cc = torch.where(window, cc, torch.full_like(cc, -torch.inf))
-            idx = cc.flatten(1).argmax(1)
-            meas = torch.stack([gy[idx // pw], gx[idx % pw]], -1) + _parabolic_offset(cc, idx)
-            del cc
-        else:  # refine: Newton steps on the band-limited correlation from the previous round's peaks
-            meas = _refine_peaks(cps, pky, pkx, mult, (meas / to_full).reshape(-1, 2), 1.0, n_steps=2)
-        del cps
-        meas = meas.reshape(n_g, n_p, 2) * to_full
+        # as fa·w·conj(S) − |fa|²·w·conj(e_t) (one pass less over the stack); peak at the patch's residual shift.
+        # Patches are independent: a few at a time, so that the temporaries stay small
+        new_meas = torch.empty(n_g, n_p, 2, device=dev)
+        for j in range(0, n_p, pck):
+            ps = slice(j, j + pck)
+            fa_p = fa[:, ps]  # (g, c, ph, pw')
+            phase = _separable_phase(pred[:, ps] / to_full, pky, pkx)  # (g, c, ph, pw')
+            total = (fa_p * phase).sum(0, keepdim=True).conj_physical_().mul_(wgt)  # (1, c, ph, pw')
+            cps = fa_p * total
+            del total
+            cps.sub_(phase.conj_physical_().mul_(fa_p.abs().square_().mul_(wgt)))
+            del phase
+            cps = cps.reshape(-1, ph, pw // 2 + 1)
+            if n_iter == 1:  # search: integer peak of the correlation map, parabolic sub-pixel offset
+                cc = torch.fft.irfft2(cps, s=(ph, pw))
+                cc.masked_fill_(~window, -torch.inf)
+                idx = cc.flatten(1).argmax(1)
+                m = torch.stack([gy[idx // pw], gx[idx % pw]], -1) + _parabolic_offset(cc, idx)
+                del cc
+            else:  # refine: Newton steps on the band-limited correlation from the previous round's peaks
+                m = _refine_peaks(cps, pky, pkx, mult, (meas[:, ps] / to_full).reshape(-1, 2), 1.0, n_steps=2)
+            del cps
+            new_meas[:, ps] = m.reshape(n_g, -1, 2) * to_full
+        meas = new_meas
         coeff, offsets, _ = _fit_model(meas, bt, m_space, control_grid, smoothness, prior_px)
         new_pred = torch.einsum("tj,pk,jkc->tpc", bt, m_space, coeff)
         change = float((new_pred - pred).norm(dim=-1).max())
@@ -496,16 +510,20 @@ def sum_frames_local(
             out += _warp(img, fld) if fld is not None else img
             acc.zero_()
 
+    from .motion import _separable_phase
+
+    ky_f = torch.fft.fftfreq(h, device=dev)
+    kx_f = torch.fft.rfftfreq(w, device=dev)
     for i in range(0, t, chunk):
         ft = torch.fft.rfft2(frames[i : i + chunk].to(torch.float32))
-        ft = ft * phase_shift_2d(-global_shifts[i : i + chunk], (h, w))
+        ft.mul_(_separable_phase(global_shifts[i : i + chunk].to(torch.float32), ky_f, kx_f))  # shift by −s
         q = dose_filter_2d(dose[i : i + chunk], (h, w), pixel_size_angstrom, voltage_kv) if want_dw else None
         for j in range(ft.shape[0]):
             fi = i + j
             if want_plain:
                 acc_plain += ft[j]
             if want_dw:
-                acc_dw += ft[j] * q[j]
+                acc_dw.add_(ft[j] * q[j])
             last_of_group = fi == t - 1 or int(group_of[fi + 1]) != int(group_of[fi])
             if last_of_group:
                 flush(groups[int(group_of[fi])])
