@@ -195,11 +195,25 @@ def _validate_tiff(path: Path, decode: bool = True):
 
 
 # ---------------------------------------------------------------------------------------------- Movie
+def _decode_threads(requested: int | None) -> int:
+    """Decoding threads: ``requested``, or the CPUs this process may use (at most 8)."""
+    if requested is not None:
+        return max(1, int(requested))
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
 class Movie:
     """A movie opened lazily: frames are read from disk only when asked for.
 
     Attributes: ``path``, ``shape`` ``(t, h, w)``, ``dtype`` (as stored), ``format`` ("mrc", "tiff" or "eer").
     """
+
+    #: threads that decode TIFF pages (None: the CPUs this process may use, at most 8)
+    threads: int | None = None
 
     def __init__(self, path: Path, fmt: str, shape: tuple[int, int, int], dtype: np.dtype):
         self.path = path
@@ -232,16 +246,33 @@ class Movie:
                     if data.ndim == 2:
                         data = data[None]
                     return np.array(data[start:stop], dtype=np.float32)
+        out = np.empty((stop - start, *self.shape[1:]), dtype=np.float32)
+        n_workers = max(1, min(stop - start, _decode_threads(self.threads)))
+        if n_workers == 1:
+            self._read_tiff_pages(out, start, start, stop)
+            return out
+        # pages decoded on several threads (imagecodecs releases the GIL while decompressing); each thread has
+        # its own file handle and a contiguous run of pages, written straight into the float32 output
+        from concurrent.futures import ThreadPoolExecutor
+
+        bounds = np.linspace(start, stop, n_workers + 1).round().astype(int)
+        with ThreadPoolExecutor(n_workers) as pool:
+            jobs = [pool.submit(self._read_tiff_pages, out, start, int(a), int(b))
+                    for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+            for job in jobs:
+                job.result()
+        return out
+
+    def _read_tiff_pages(self, out: np.ndarray, offset: int, a: int, b: int) -> None:
+        """Decode TIFF pages ``a..b-1`` into ``out[a - offset : b - offset]``."""
         import tifffile
 
-        out = np.empty((stop - start, *self.shape[1:]), dtype=np.float32)
         with tifffile.TiffFile(self.path) as tif:
-            for j, i in enumerate(range(start, stop)):
+            for i in range(a, b):
                 try:
-                    out[j] = tif.pages[i].asarray()
+                    out[i - offset] = tif.pages[i].asarray(maxworkers=1)
                 except Exception as exc:
                     raise MovieError(f"{self.path.name}: corrupt TIFF page {i + 1}: {exc}") from exc
-        return out
 
     def read_all(self) -> np.ndarray:
         """All frames as float32 ``(t, h, w)``."""
