@@ -485,7 +485,14 @@ class StreamingClassifier2D:
         wb = (lim / self.sigma2[self.shells.clamp(max=self.n_shells - 1)])[rows][:, :ncol]  # (R, C)
         mult = self.mult[rows][:, :ncol]
         ref_pow = (refs_band.abs() ** 2).reshape(KP, -1)  # (KP, R·C)
-        refs_band = refs_band.conj()
+        # cross-correlation at the integer shifts s = (s_y, s_x) as one real matrix product:
+        # cc[i, r, s] = Re Σ_f conj(R_r(f)) Z_i(f) E_s(f), E_s(f) = ey[s_y, f_y] ex[f_x, s_x] (shift phase and
+        # Hermitian multiplicity), = Σ_f Re R·Re(Z E) + Im R·Im(Z E), over the band |f| ≤ limit only
+        n_rows = rows.shape[0]
+        E = (ey[:, None, :, None] * ex.T[None, :, None, :]).reshape(S, n_rows * ncol)  # (S, R·C)
+        refs_flat = refs_band.reshape(KP, -1)
+        refs_ri = torch.cat([refs_flat.real, refs_flat.imag], -1)  # (KP, 2·R·C)
+        del refs_flat
         out_post, out_pose, out_best, out_ll, out_coh = [], [], [], [], []
         for c0 in range(0, x.shape[0], self.chunk_size):
             xc = x[c0 : c0 + self.chunk_size]
@@ -493,10 +500,11 @@ class StreamingClassifier2D:
             ctf = self._ctf(par[c0 : c0 + self.chunk_size])[:, rows][..., :ncol]  # (n, R, C)
             X = torch.fft.rfft2(xc)[:, rows][..., :ncol]
             Z = X * ctf * wb  # (n, R, C)
-            # cross-correlation Σ_f Z(f) conj(R(f)) exp(2πi f·s) at the integer shifts only, summing over the
-            # band |f| ≤ limit by two small DFT matrix products (cheaper than full inverse FFTs at low resolution)
-            yb = Z[:, None] * refs_band[None]  # (n, KP, R, C)
-            cc = (ey @ yb @ ex).real.reshape(n, KP, S)
+            # cross-correlation Σ_f Z(f) conj(R(f)) exp(2πi f·s) at the integer shifts only, over the band
+            # |f| ≤ limit (cheaper than full inverse FFTs at low resolution): one GEMM (n·S, 2·R·C) × (2·R·C, KP)
+            ZE = Z.reshape(n, 1, -1) * E[None]  # (n, S, R·C)
+            ZE = torch.cat([ZE.real, ZE.imag], -1).reshape(n * S, -1)
+            cc = (ZE @ refs_ri.T).reshape(n, S, KP).transpose(1, 2)  # (n, KP, S)
             mm = ((ctf**2) * wb * mult).reshape(n, -1) @ ref_pow.T  # (n, KP)
             xx = ((X.abs() ** 2) * wb * mult).reshape(n, -1).sum(-1)  # (n,)
             if normalized_cc:
