@@ -278,6 +278,31 @@ class Movie:
         """All frames as float32 ``(t, h, w)``."""
         return self.read_frames(0, self.shape[0])
 
+    def iter_chunks(self, chunk: int = 4, prefetch: int = 2):
+        """Yield ``(start, frames float32 (n, h, w))`` for consecutive runs of ``chunk`` frames, decoding ahead
+        on a background thread (at most ``prefetch`` chunks decoded but not yet taken), so that the caller's
+        work on one chunk overlaps the decoding of the next ones in bounded memory."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        t = self.shape[0]
+        starts = iter(range(0, t, max(1, int(chunk))))
+        with ThreadPoolExecutor(1) as pool:
+            pending: deque = deque()
+
+            def submit() -> None:
+                s = next(starts, None)
+                if s is not None:
+                    pending.append((s, pool.submit(self.read_frames, s, min(s + chunk, t))))
+
+            for _ in range(max(1, int(prefetch))):
+                submit()
+            while pending:
+                s, job = pending.popleft()
+                arr = job.result()
+                submit()
+                yield s, arr
+
     def __repr__(self) -> str:
         return f"Movie({self.path.name!r}, format={self.format}, shape={self.shape}, dtype={self.dtype})"
 

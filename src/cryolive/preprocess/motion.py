@@ -236,11 +236,14 @@ def align_movie(
     pre_exposure: float = 0.0,
     smoothness: float = 0.0,
     max_shift_px: float | None = None,
+    device: str | torch.device | None = None,
 ) -> MotionResult:
     """Align the frames of a movie (globally, then locally by patches) and sum them (dose-weighted and plain).
 
     frames: ``(t, h, w)`` gain-corrected counts (any real dtype; computed in float32 on ``frames.device``,
-        which is the device everything runs on).
+        which is the device everything runs on), or an opened movie (:class:`cryolive.io.movies.Movie`, frames
+        already gain-corrected counts): it is then decoded on background threads while the first pass
+        transforms the frames already read (computed on ``device``, default CPU).
     pixel_size_angstrom: Å/px; dose_per_frame: e/Å² per frame; voltage_kv: kV (for the dose filter);
     pre_exposure: e/Å² received before frame 1.
     settings (:class:`cryolive.config.MotionSettings`): ``bfactor_angstrom2`` (weight ``exp(-B k²/4)`` on the
@@ -252,10 +255,17 @@ def align_movie(
 
     Returns a :class:`MotionResult`; the inputs are not modified.
     """
-    if frames.ndim != 3:
+    movie = None
+    if not isinstance(frames, torch.Tensor) and hasattr(frames, "iter_chunks"):
+        movie = frames
+        dev = torch.device(device if device is not None else "cpu")
+    elif frames.ndim != 3:
         raise ValueError(f"align_movie: frames must be (t, h, w), got {tuple(frames.shape)}")
-    t, h, w = frames.shape
-    dev = frames.device
+    else:
+        dev = frames.device
+    if len(frames.shape) != 3:
+        raise ValueError(f"align_movie: frames must be (t, h, w), got {tuple(frames.shape)}")
+    t, h, w = (int(n) for n in frames.shape)
     if max_shift_px is None:
         max_shift_px = min(h, w) / 4
     hc, wc = _alignment_crop((h, w), pixel_size_angstrom, settings.bfactor_angstrom2)
@@ -269,7 +279,19 @@ def align_movie(
     # movie's size); frames are transformed a few at a time so that no full-size stack is ever built
     small = torch.empty(t, hc, wc // 2 + 1, dtype=torch.complex64, device=dev)
     ck_full = _chunk_for(h * (w // 2 + 1) * 8)
-    for i in range(0, t, ck_full):
+    if movie is not None:
+        # decode ahead (threaded) while the frames already read are transformed; the frames are kept for the sum
+        buf = torch.empty((t, h, w), dtype=torch.float32, device=dev)
+        for s, arr in movie.iter_chunks(max(ck_full, 4), prefetch=1):
+            chunk = torch.from_numpy(arr).to(dev)
+            buf[s : s + chunk.shape[0]] = chunk
+            for i in range(0, chunk.shape[0], ck_full):
+                ft = torch.fft.rfft2(chunk[i : i + ck_full])
+                small[s + i : s + i + ft.shape[0]] = _crop_rfft(ft, h, hc, wc)
+                del ft
+            del chunk, arr
+        frames = buf
+    for i in range(0, t, ck_full) if movie is None else ():
         ft = torch.fft.rfft2(frames[i : i + ck_full].to(torch.float32))
         small[i : i + ck_full] = _crop_rfft(ft, h, hc, wc)
         del ft
