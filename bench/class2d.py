@@ -209,6 +209,9 @@ def main(argv=None):
     ap.add_argument("--first-n", type=int, default=5000)
     ap.add_argument("--first-box", type=int, default=64)
     ap.add_argument("--aspire-n", type=int, default=1000)
+    ap.add_argument("--aspire-classes", type=int, default=None,
+                    help="classes for the ASPIRE comparison, both ASPIRE's averaged classes and cryolive's K on the "
+                         "subset (default --classes; ASPIRE's averaging time grows with it)")
     ap.add_argument("--no-aspire", action="store_true")
     ap.add_argument("--no-main", action="store_true", help="skip part 1 (stream vs batch)")
     ap.add_argument("--no-batch", action="store_true", help="part 1 without the batch run")
@@ -274,6 +277,7 @@ def main(argv=None):
         if not py.exists():
             subprocess.run(["bash", str(ROOT / "bench" / "setup_aspire.sh")], check=True)
         m = a.aspire_n
+        kc = a.aspire_classes or a.classes
         sub = slice(0, m)
         labels = truth["structure_index"][:m].numpy()
         with tempfile.TemporaryDirectory() as tmp:
@@ -288,7 +292,7 @@ def main(argv=None):
 
             t0, ch0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = subprocess.run([str(py), str(ROOT / "bench" / "_aspire_class2d.py"), str(npz), str(res_json),
-                                   "--n-classes", str(a.classes), "--n-nbor", "50"], env=env, cwd=tmp,  # ASPIRE logs into its cwd
+                                   "--n-classes", str(kc), "--n-nbor", "50"], env=env, cwd=tmp,  # ASPIRE logs into its cwd
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             wall = time.perf_counter() - t0
             ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -299,9 +303,9 @@ def main(argv=None):
             else:
                 asp = json.loads(res_json.read_text())
         clf, res, sec, _ = run_stream(images[sub], {k: (v[sub] if torch.is_tensor(v) else v) for k, v in truth.items()},
-                                      a.classes, a.first_box, pixel2, max(1, m // 1000) if m >= 2000 else 2, a.device)
+                                      kc, a.first_box, pixel2, max(1, m // 1000) if m >= 2000 else 2, a.device)
         ours_real, ours_junk, _ = purity(res.class_index.cpu().numpy(), labels)
-        out["aspire_comparison"] = {"n": m, "cryolive_seconds": sec, "cryolive_cpu_seconds": clf.cpu_seconds,
+        out["aspire_comparison"] = {"n": m, "classes": kc, "cryolive_seconds": sec, "cryolive_cpu_seconds": clf.cpu_seconds,
                                     "cryolive_real": ours_real, "cryolive_junk": ours_junk}
         if asp:
             a_real, a_junk = group_purity(asp["members"], labels)
@@ -314,7 +318,7 @@ def main(argv=None):
             print(f"ASPIRE {asp['aspire_version']} on {m} particles (box {a.first_box}): classify {asp['classify_seconds']:.1f} s "
                   f"+ average {asp['n_classes']} classes {asp['average_seconds']:.1f} s; real in own-majority groups "
                   f"{a_real:.3f}, junk in junk groups {a_junk:.3f}", flush=True)
-            print(f"cryolive on the same {m}: {sec:.1f} s ({a.classes} classes, stream); real {ours_real:.3f}, junk "
+            print(f"cryolive on the same {m}: {sec:.1f} s ({kc} classes, stream); real {ours_real:.3f}, junk "
                   f"{ours_junk:.3f}; time ratio ASPIRE / cryolive {a_sec / sec:.1f} (wall), CPU "
                   f"{aspire_cpu:.1f} s / {clf.cpu_seconds:.1f} s = {aspire_cpu / clf.cpu_seconds:.1f}", flush=True)
     if a.json:

@@ -170,8 +170,9 @@ class StreamingClassifier2D:
     ``initial_temperature`` (≥ 1: posteriors are flattened by this factor at the first EM pass over the start
     set and annealed to 1 over the first half of the initial passes; 1 = no annealing), ``reseed_fraction``
     (a class holding less than this fraction of its fair share ``1/K`` of the weight is re-seeded by splitting
-    the most populated class), ``stream_temperature`` / ``anneal_particles`` (posteriors of stream updates tempered
-    by 1/T at the start, sharpening to 1 by ``anneal_particles`` new particles; default off: it merged classes in
+    the most populated class), ``init_particles_per_class`` (the first classes are seeded and refined on at most
+    this many particles per class of the start set, then one pass over all of it; None or 0 = all),
+    ``stream_temperature`` / ``anneal_particles`` (posteriors of stream updates tempered by 1/T at the start, sharpening to 1 by ``anneal_particles`` new particles; default off: it merged classes in
     tests), ``use_class_prior`` (weight classes by their share in the E-step; default off: with young classes the
     prior of the largest classes drew particles from small ones and classes collapsed).
 
@@ -202,6 +203,7 @@ class StreamingClassifier2D:
         stream_temperature: float = 1.0,
         anneal_particles: int | None = None,
         use_class_prior: bool = False,
+        init_particles_per_class: int | None = 40,
     ):
         if box_size_px % 2:
             raise ValueError("box_size_px must be even")
@@ -222,6 +224,7 @@ class StreamingClassifier2D:
         self.reseed_fraction = float(reseed_fraction)
         self.stream_temperature = float(stream_temperature)
         self.use_class_prior = bool(use_class_prior)
+        self.init_particles_per_class = int(init_particles_per_class or 0)
         self.anneal_particles = int(anneal_particles if anneal_particles is not None else 5 * settings.min_particles_to_start)
         self.inverse_temperature = 1.0
         b, dev = self.b, self.device
@@ -731,8 +734,17 @@ class StreamingClassifier2D:
     # ------------------------------------------------------------------ initialisation
     def _initialise(self, x, par, half):
         """k-means++ seeding by aligned, normalised cross-correlation of phase-flipped, low-passed particles,
-        then ``n_init_iterations`` EM passes over these particles."""
+        then ``n_init_iterations`` EM passes over these particles. With more than ``init_particles_per_class · K``
+        particles, seeding and passes run on a random subset of that size and one EM pass over all of them
+        follows (first classes sooner; the stream and its revisits refine them)."""
         n = x.shape[0]
+        m = self.init_particles_per_class * self.K
+        if 0 < m < n:
+            sub = torch.randperm(n, generator=self.gen)[:m].to(x.device)
+            self._initialise(x[sub], par[sub], half[sub])
+            if self.n_init_iterations > 0:
+                self._em_pass(x, par, half, gamma=1.0)
+            return
         b = self.b
         ctf = self._ctf(par)
         flipped = torch.fft.irfft2(torch.fft.rfft2(x) * torch.sign(ctf), s=(b, b))
@@ -895,11 +907,11 @@ class StreamingClassifier2D:
         half = self._halves(x.shape[0])
         self._remember(x, par, half)
         fresh = not self.initialised
-        if fresh:
-            n_init = self.n_init_iterations
-            self.n_init_iterations = 0
+        if fresh:  # seeded on all particles (no subset: the passes below run over all of them anyway)
+            n_init, per_class = self.n_init_iterations, self.init_particles_per_class
+            self.n_init_iterations = self.init_particles_per_class = 0
             self._initialise(x, par, half)
-            self.n_init_iterations = n_init
+            self.n_init_iterations, self.init_particles_per_class = n_init, per_class
         self.n_processed += x.shape[0]
         for j in range(n_iterations):
             if fresh:
