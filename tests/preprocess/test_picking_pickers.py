@@ -223,7 +223,15 @@ def test_learned_picker_state_round_trip(tmp_path):
     loaded = LearnedPicker.load(path)
     b = loaded.pick(m["micrograph"], m["pixel_size"], ctf=m["ctf"])
     assert loaded.threshold == picker.threshold
-    assert torch.allclose(a.coords_yx_px, b.coords_yx_px) and torch.allclose(a.scores, b.scores)
+    for key, value in picker.net.state_dict().items():  # the weights round-trip exactly
+        assert torch.equal(value, loaded.net.state_dict()[key]), key
+    # the picks agree; convolution kernels may differ in the last bits between runs (oneDNN picks its algorithm by
+    # memory layout), which can move a pick sitting exactly at the threshold, so compare them as sets
+    _, precision, recall, _ = match_picks(a.coords_yx_px.double(), b.coords_yx_px.double(),
+                                          torch.full((len(b.coords_yx_px),), 1.0))
+    assert len(a.coords_yx_px) > 5 and precision >= 0.97 and recall >= 0.97
+    common = min(len(a.scores), len(b.scores), 5)
+    assert torch.allclose(a.scores[:common], b.scores[:common], rtol=1e-4, atol=1e-4)
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(ValueError):
         LearnedPicker.load(tmp_path / "junk.pt")
