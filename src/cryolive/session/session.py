@@ -735,10 +735,3 @@ class Class2DStage:
 
 MANUAL_SELECTION_KEY = "class2d_manual_selection"  # written by the dashboard (cryolive.server)
 TEMPLATES_KEY = "class2d_templates"  # the picking templates from the selected classes (Class2DStage)
-
-
-def select_classes(distribution: np.ndarray, resolution_angstrom: np.ndarray) -> np.ndarray:
-    """A minimal class selection: classes with a resolution estimate (not the 999 Å written for empty or
-    unsupported classes) that hold at least half their fair share ``0.5 / K`` of the particles."""
-    k = len(distribution)
-    return (resolution_angstrom < 999.0) & (distribution >= 0.5 / max(k, 1))
