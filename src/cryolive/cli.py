@@ -253,7 +253,7 @@ class Progress:
             self._live.update(self._render(st))
             return
         line = (f"done {st.n_done} failed {st.n_failed} queued {st.n_pending} processing {st.n_processing} "
-                f"particles {st.n_particles} 2D {st.n_particles_classified} particles, {st.n_classes} classes")
+                f"particles {st.n_particles} 2D {st.n_particles_classified} particles, {st.n_classes} classes selected")
         now = time.monotonic()
         if line != self._last_line and now - self._last_time >= 5.0:
             print(time.strftime("%H:%M:%S"), line, f"rate {st.exposures_per_hour:.0f}/h", flush=True)
