@@ -13,6 +13,9 @@ Two estimates, as the package offers them:
   field (nt, nh, nw) fitted by Adam to patches; its whole-image trajectory is the field's mean over a grid
   of the image evaluated at every frame's time.
 
+With ``--points N``, each estimate also gets ``points_yx_px``: the field's total motion ``(t, N², 2)`` at an
+N×N grid spanning the frame corner to corner (``DeformationField.resample``), row-major.
+
 Conversion to cryolive's convention (docs/CONVENTIONS.md: specimen displacement relative to frame 1, (y, x),
 pixels): the package's fields hold (y, x) in Å, positive = displacement of the specimen (its
 cross-correlation puts the peak of ``conj(ref) · frame`` at +s, and its optimiser aligns patches by shifting
@@ -39,6 +42,8 @@ def main(argv=None) -> None:
     ap.add_argument("--time-points", type=int, default=0, help="field control points in time (0: min(t, 20))")
     ap.add_argument("--iterations", type=int, default=100, help="optimiser iterations (package default 100)")
     ap.add_argument("--skip-optimiser", action="store_true")
+    ap.add_argument("--points", type=int, default=0,
+                    help="also write each field's total motion at an N×N grid of points spanning the frame")
     ap.add_argument("--seed", choices=("global", "zero"), default="global",
                     help="optimiser's starting field: the global estimate (as the package's workflow) or zero")
     args = ap.parse_args(argv)
@@ -85,6 +90,18 @@ def main(argv=None) -> None:
         s = s.detach().to("cpu", torch.float64) / px
         return (s - s[0:1]).tolist()
 
+    def points_px(field):
+        """(t, N², 2) px, each point relative to itself in frame 1, on an N×N grid spanning the frame corner
+        to corner (the field's normalised coordinates 0..1), row-major (y, then x)."""
+        n = args.points
+        nt, nh, nw = field.resolution
+        if (nh, nw) == (1, 1) and nt == t:
+            s = field.data[:, :, 0, 0].T[:, None, :].expand(-1, n * n, -1)  # the same motion everywhere
+        else:
+            s = field.resample((t, n, n)).data.permute(1, 2, 3, 0).reshape(t, n * n, 2)  # (t, N², 2) Å
+        s = s.detach().to("cpu", torch.float64) / px
+        return (s - s[0:1]).tolist()
+
     t1, c1 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         g_field = estimate_global_motion(image=movie, pixel_spacing=px, device=device)
@@ -92,6 +109,8 @@ def main(argv=None) -> None:
     t_global, c_global = time.perf_counter() - t1, time.process_time() - c1
     out["global"] = {"shifts_yx_px": whole_image_px(g_field), "seconds": t_global,
                      "seconds_with_read": t_read + t_global, "cpu_seconds_with_read": c_read + c_global}
+    if args.points:
+        out["global"]["points_yx_px"] = points_px(g_field)
     if not args.skip_optimiser:
         nt = args.time_points or min(t, 20)
         patch = min(args.patch, h // 2, w // 2)
@@ -115,6 +134,8 @@ def main(argv=None) -> None:
                             "settings": {"patch_px": patch, "field_resolution": [nt, args.grid, args.grid],
                                          "iterations": args.iterations, "optimizer": "adam (package default lr)",
                                          "seed": args.seed}}
+        if args.points:
+            out["optimiser"]["points_yx_px"] = points_px(field)
     out["read_seconds"] = t_read
     out["shape"] = [t, h, w]
     with open(args.out, "w") as f:

@@ -9,14 +9,18 @@ The movie: full-frame physics simulation at 4k would take tens of minutes here, 
 assembled from 2048² tiles (1024² for ``small``), each a separate ``cryolive.simulate.MovieSimulator``
 micrograph (particles of 6NY1 in vitreous ice, per-particle CTF, amorphous-ice structure; the specimen and
 ice contrast kept apart). Every frame then gets the simulator's physics on the whole frame: local motion
-(a smooth 5×5-control-point field, zero mean, growing fast early, largest deviation ``--local-motion`` Å),
+(a smooth 5×5-control-point field, zero mean over its nodes, growing fast early, largest deviation
+``--local-motion`` Å),
 Grant–Grigorieff damage of the specimen at the frame's dose, the global drift by an exact Fourier shift
 (the trajectory of the first tile's simulator: ``frame_t(r) ≈ frame_1(r − s_t − d_t(r))``), and Poisson
 counts. Differences from ``MovieSimulator.frames()``: the local warp acts on the image after the CTF (the
 simulator warps the potential before it; at ≤ 3 Å over thousands of pixels the Thon rings stretch by
 < 0.1 %), there is no gain variation or hot pixels, and the tiles meet at seams (their particles stay away
-from tile edges). The truth is the global drift ``s_t`` (specimen displacement relative to frame 1, (y, x) px,
-docs/CONVENTIONS.md).
+from tile edges). The truth (:func:`true_motion`, specimen displacement relative to frame 1, (y, x) px,
+docs/CONVENTIONS.md): for the global trajectory, the frame's mean motion, i.e. the drift ``s_t`` plus the local
+field's mean over the whole area (bicubic between the nodes, the field is not zero on average over the area: up
+to 0.2 px at 4k; a global trajectory cannot tell the two apart, so the drift alone is not its truth); for the
+local motion, the total motion ``s_t + d_t(r)`` at a 9×9 grid of points ``r`` spanning the frame.
 
 Written as LZW TIFF (uint8 counts, one page per frame, as EPU writes) and MRC (int16). Timed per movie:
 
@@ -28,10 +32,12 @@ Written as LZW TIFF (uint8 counts, one page per frame, as EPU writes) and MRC (i
   ``estimate_local_motion`` (spline deformation field, Adam) seeded with it. The peer returns trajectories,
   not a summed micrograph, so its time excludes any summation (in cryolive's favour for the peer).
 
-Printed: a table of seconds per movie, the ratio cryolive / peer (both reading the MRC), and the RMS error of
-the global trajectory in px against the truth, anchored at frame 1 (as tests/preprocess/test_motion.py
-measures it) and with the best constant offset removed (the peer measures against the middle frame). The
-peer's sign convention is checked against the truth on every run. Run with one thread (the CI machine has
+Printed: a table of seconds per movie, the ratio cryolive / peer (both reading the MRC), the RMS error of
+the global trajectory in px against the mean motion, anchored at frame 1 (as tests/preprocess/test_motion.py
+measures it) and with the best constant offset removed (the peer measures against the middle frame), the RMS
+error of the total motion at the 9×9 points (cryolive: ``MotionResult.shifts_at``; the peer: its deformation
+field resampled there; a global-only estimate is the same everywhere), and, for reference, the anchored error
+against the drift alone. The peer's sign convention and point order are checked against the truth on every run. Run with one thread (the CI machine has
 two cores shared with other work; absolute seconds are noisy, the ratio within one run is the figure).
 
     bash bench/setup_motion_peers.sh                      # once: .bench-envs/torch-motion-correction
@@ -100,15 +106,11 @@ def synthesize_movie(shape, n_frames, pixel_size, dose_per_frame, max_drift_angs
     spec, ice = spec[:h, :w].contiguous(), ice[:h, :w].contiguous()
     log(f"  {ny * nx} tile(s) of {tile}² simulated in {time.perf_counter() - t0:.0f} s")
 
-    g = torch.Generator().manual_seed(seed * 7919 + 11)
     amp = local_motion_angstrom / pixel_size
     use_local = amp > 0 and n_frames > 1
     if use_local:
-        final = torch.randn(5, 5, 2, generator=g)
-        final = final - final.mean((0, 1))
-        final = final * (amp / final.norm(dim=-1).max())
-        tau = max(1.0, n_frames / 4)
-        prof = [(1 - math.exp(-t / tau)) / (1 - math.exp(-(n_frames - 1) / tau)) for t in range(n_frames)]
+        final = local_field_nodes(seed, amp)
+        prof = local_profile(n_frames)
         field = F.interpolate(final.permute(2, 0, 1)[None], size=(h, w), mode="bicubic", align_corners=True)[0]
         by, bx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
                                 indexing="ij")
@@ -132,6 +134,74 @@ def synthesize_movie(shape, n_frames, pixel_size, dose_per_frame, max_drift_angs
         del ft, lam
     log(f"  {n_frames} frames of {h}×{w} (mean {counts[0].mean():.2f} counts/px) in {time.perf_counter() - t0:.0f} s")
     return counts, drift
+
+
+def local_field_nodes(seed: int, amp_px: float):
+    """The local field's ``(5, 5, 2)`` control values (y, x) px at the end of the exposure: zero mean over the
+    nodes, largest node ``amp_px``. Bicubic between the nodes (corner nodes at the frame's corner pixels)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 7919 + 11)
+    final = torch.randn(5, 5, 2, generator=g)
+    final = final - final.mean((0, 1))
+    return final * (amp_px / final.norm(dim=-1).max())
+
+
+def local_profile(n_frames: int) -> list:
+    """Fraction of the final local field reached in each frame (0 in frame 1, fast early, 1 in the last)."""
+    tau = max(1.0, n_frames / 4)
+    return [(1 - math.exp(-t / tau)) / (1 - math.exp(-(n_frames - 1) / tau)) if n_frames > 1 else 0.0
+            for t in range(n_frames)]
+
+
+def grid_points(shape, n: int = 9):
+    """``(n², 2)`` (y, x) px: an ``n × n`` grid spanning the frame corner to corner, row-major."""
+    import torch
+
+    h, w = shape
+    ys = torch.linspace(0, h - 1, n)
+    xs = torch.linspace(0, w - 1, n)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([yy.flatten(), xx.flatten()], -1)
+
+
+def true_motion(movie_meta: dict, drift, points_yx=None):
+    """The simulated movie's true motion from its settings (``meta.json``'s ``movie``) and drift ``(t, 2)`` px.
+
+    Returns ``(mean, at_points)``: ``mean (t, 2)`` the motion of the frame as a whole (the drift plus the local
+    field's mean over every pixel of the frame: the field is zero on average over its 5×5 nodes, not over the
+    area, and the whole-frame motion is what a global trajectory measures), and ``at_points (t, n, 2)`` the
+    total motion at ``points_yx (n, 2)`` px of frame 1 (drift + local field there), or None. Both relative to
+    frame 1. To first order in the field's gradient (≤ 3 px over thousands), a feature at ``r`` of frame 1
+    sits at ``r + s_t + d_t(r)`` in frame ``t``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    drift = torch.as_tensor(drift, dtype=torch.float32)
+    h, w = movie_meta["shape"]
+    n = movie_meta["frames"]
+    amp = movie_meta["local_motion"] / movie_meta["pixel_size"]
+    if amp <= 0 or n < 2:
+        pts = None if points_yx is None else drift[:, None, :].expand(-1, len(points_yx), -1).clone()
+        return drift.clone(), pts
+    nodes = local_field_nodes(movie_meta["seed"], amp).permute(2, 0, 1)[None]  # (1, 2, 5, 5)
+    prof = torch.tensor(local_profile(n), dtype=torch.float32)
+    area_mean = torch.zeros(2)
+    for y0 in range(0, h, 1024):  # the exact mean over every pixel, in bands to bound memory
+        rows = torch.arange(y0, min(y0 + 1024, h), dtype=torch.float32)
+        yy, xx = torch.meshgrid(rows, torch.arange(w, dtype=torch.float32), indexing="ij")
+        grid = torch.stack([2 * xx / (w - 1) - 1, 2 * yy / (h - 1) - 1], -1)[None]
+        area_mean += F.grid_sample(nodes, grid, mode="bicubic", padding_mode="border",
+                                   align_corners=True)[0].sum((1, 2))
+    area_mean /= h * w
+    mean = drift + prof[:, None] * area_mean[None]
+    if points_yx is None:
+        return mean, None
+    p = torch.as_tensor(points_yx, dtype=torch.float32)
+    grid = torch.stack([2 * p[:, 1] / (w - 1) - 1, 2 * p[:, 0] / (h - 1) - 1], -1)[None, None]
+    at = F.grid_sample(nodes, grid, mode="bicubic", padding_mode="border", align_corners=True)[0, :, 0].T  # (n, 2)
+    return mean, drift[:, None, :] + prof[:, None, None] * at[None]
 
 
 def write_movie_files(counts, folder: Path, formats) -> dict:
@@ -168,6 +238,14 @@ def rms_offset_free(est, truth) -> float:
     return float((d - d.mean(0, keepdim=True)).norm(dim=-1).pow(2).mean().sqrt())
 
 
+def rms_points(est, truth) -> float:
+    """RMS over frames and points of the total motion's error (px), ``(t, n, 2)`` each, every point's
+    trajectory taken relative to its own position in frame 1."""
+    est = est - est[0:1]
+    truth = truth - truth[0:1]
+    return float((est - truth).norm(dim=-1).pow(2).mean().sqrt())
+
+
 # ---------------------------------------------------------------------------------------------- cryolive
 def cryolive_modes(requested):
     """``{mode: (MotionSettings, align_movie keyword arguments)}`` for the modes the current API offers.
@@ -202,10 +280,11 @@ def cryolive_modes(requested):
     return modes
 
 
-def run_cryolive(source, pixel_size, dose_per_frame, device, mode):
+def run_cryolive(source, pixel_size, dose_per_frame, device, mode, points=None):
     """Align one movie (a file path, decoded here, or a (t, h, w) tensor).
 
-    Returns (shifts, decode s, total wall s, total CPU s of this process).
+    Returns (shifts, decode s, total wall s, total CPU s of this process, total motion ``(t, n, 2)`` px at
+    ``points (n, 2)`` or None).
     """
     import torch
 
@@ -230,8 +309,9 @@ def run_cryolive(source, pixel_size, dose_per_frame, device, mode):
     sync()
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     shifts = res.shifts_yx_px.detach().cpu()
+    at = res.shifts_at(points).detach().cpu() if points is not None and hasattr(res, "shifts_at") else None
     del frames, res
-    return shifts, t_decode, total, cpu
+    return shifts, t_decode, total, cpu, at
 
 
 def profile_cryolive(frames, pixel_size, dose_per_frame, device, mode, top=25):
@@ -259,11 +339,14 @@ def profile_cryolive(frames, pixel_size, dose_per_frame, device, mode, top=25):
 
 
 # ---------------------------------------------------------------------------------------------- peer
-def run_peer(mrc: Path, pixel_size, device, threads, iterations, patch, skip_optimiser, seed, workdir: Path):
+def run_peer(mrc: Path, pixel_size, device, threads, iterations, patch, skip_optimiser, seed, workdir: Path,
+             points=None):
     out = workdir / "peer.json"
     cmd = [str(PEER_PYTHON), str(ROOT / "bench" / "_peer_tmc.py"), str(mrc), str(out),
            "--pixel-size", str(pixel_size), "--device", str(device), "--threads", str(threads),
            "--iterations", str(iterations), "--patch", str(patch), "--seed", seed]
+    if points is not None:
+        cmd += ["--points", str(int(round(math.sqrt(len(points)))))]
     if skip_optimiser:
         cmd.append("--skip-optimiser")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
@@ -353,6 +436,12 @@ def main(argv=None) -> None:
         print(f"  written in {time.perf_counter() - t0:.0f} s ({sizes})")
     print(f"  true drift: path {float((truth[1:] - truth[:-1]).norm(dim=-1).sum()) * px:.1f} Å, "
           f"end {[round(v, 2) for v in truth[-1].tolist()]} px")
+    drift = truth
+    points = grid_points(shape)
+    truth, truth_pts = true_motion(meta, drift, points)
+    print(f"  the frame's mean motion (drift + the local field's mean over the area) differs from the drift by up "
+          f"to {float((truth - drift).norm(dim=-1).max()):.2f} px; the local field reaches "
+          f"{float((truth_pts - truth[:, None]).norm(dim=-1).max()):.2f} px at the 9×9 points")
 
     def frames_in_memory():
         from cryolive.io.movies import open_movie
@@ -366,10 +455,11 @@ def main(argv=None) -> None:
             source = frames_mem if fmt == "memory" else files[fmt]
             best = None
             for _ in range(max(1, args.repeats)):
-                shifts, t_dec, total, cpu = run_cryolive(source, px, args.dose_per_frame, device, mode_args)
+                shifts, t_dec, total, cpu, at = run_cryolive(source, px, args.dose_per_frame, device, mode_args,
+                                                             points)
                 if best is None or total < best[2]:
-                    best = (shifts, t_dec, total, cpu)
-            rows.append((f"cryolive {mode}", fmt, best[1], best[2], best[3], best[0]))
+                    best = (shifts, t_dec, total, cpu, at)
+            rows.append((f"cryolive {mode}", fmt, best[1], best[2], best[3], best[0], best[4]))
             print(f"  cryolive {mode:6s} {fmt:6s}: {best[2]:7.1f} s (decode {best[1]:.1f} s; CPU {best[3]:.1f} s), "
                   f"RMS {rms_anchored(best[0], truth):.3f} px", flush=True)
     if args.profile:
@@ -385,7 +475,7 @@ def main(argv=None) -> None:
         print(f"  running torch-motion-correction (own process; global, then optimiser with {patch}² patches, "
               f"{args.peer_iterations} iterations)...", flush=True)
         peer = run_peer(files["mrc"], px, device, args.threads, args.peer_iterations, patch,
-                        args.peer_skip_optimiser, args.peer_seed, workdir)
+                        args.peer_skip_optimiser, args.peer_seed, workdir, points)
         opt_label = "tmc global+optimiser" if args.peer_seed == "global" else "tmc optimiser (zero)"
         for key, label in (("global", "tmc global"), ("optimiser", opt_label)):
             if key not in peer:
@@ -395,8 +485,17 @@ def main(argv=None) -> None:
             if e_flip < 0.5 * e:
                 print(f"  WARNING: {label} fits the truth better with the opposite sign ({e_flip:.3f} vs {e:.3f} px):"
                       f" the sign conversion in bench/_peer_tmc.py is wrong")
+            at = peer[key].get("points_yx_px")
+            if at is not None:
+                at = torch.tensor(at, dtype=torch.float32)  # (t, n, 2), the points in bench order
+                e_pts = rms_points(at, truth_pts)
+                ng = int(round(math.sqrt(at.shape[1])))
+                swapped = at.reshape(at.shape[0], ng, ng, 2).transpose(1, 2).reshape(at.shape)
+                if rms_points(swapped, truth_pts) < 0.5 * e_pts:
+                    print(f"  WARNING: {label}'s field fits the truth better with its grid transposed: the point "
+                          f"order in bench/_peer_tmc.py is wrong")
             rows.append((label, "mrc", peer["read_seconds"], peer[key]["seconds_with_read"],
-                         peer[key].get("cpu_seconds_with_read", float("nan")), s))
+                         peer[key].get("cpu_seconds_with_read", float("nan")), s, at))
         print(f"  peer: torch-motion-correction {peer['version']} on torch {peer['torch']}, "
               f"process wall {peer['process_wall_seconds']:.0f} s")
 
@@ -405,28 +504,37 @@ def main(argv=None) -> None:
     ref_glob = peer_ref.get("tmc global")
     print()
     hdr = (f"{'tool':24s} {'input':6s} {'decode s':>8s} {'s/movie':>8s} {'CPU s':>8s} {'÷tmc full':>10s} "
-           f"{'CPU ÷tmc full':>14s} {'÷tmc glob':>10s} {'RMS px fr.1':>12s} {'RMS px offset-free':>19s}")
+           f"{'CPU ÷tmc full':>14s} {'÷tmc glob':>10s} {'global px fr.1':>15s} {'offset-free':>12s} "
+           f"{'local px 9×9':>13s} {'vs drift fr.1':>14s}")
     print(hdr)
     print("-" * len(hdr))
     figures = []
-    for tool, fmt, dec, total, cpu, s in rows:
+    for tool, fmt, dec, total, cpu, s, at in rows:
         r_full = total / ref_full[0] if ref_full else None
         c_full = cpu / ref_full[1] if ref_full else None
         r_glob = total / ref_glob[0] if ref_glob else None
         ea, eo = rms_anchored(s, truth), rms_offset_free(s, truth)
+        el = rms_points(at, truth_pts) if at is not None else None
+        ed = rms_anchored(s, drift)
         f3 = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
         print(f"{tool:24s} {fmt:6s} {dec:8.1f} {total:8.1f} {cpu:8.1f} {f3(r_full):>10s} {f3(c_full):>14s} "
-              f"{f3(r_glob):>10s} {ea:12.3f} {eo:19.3f}")
+              f"{f3(r_glob):>10s} {ea:15.3f} {eo:12.3f} {f3(el):>13s} {ed:14.3f}")
         figures.append(dict(tool=tool, input=fmt, decode_seconds=dec, seconds_per_movie=total, cpu_seconds=cpu,
                             ratio_to_tmc_full=r_full, cpu_ratio_to_tmc_full=c_full, ratio_to_tmc_global=r_glob,
-                            rms_px_frame1=ea, rms_px_offset_free=eo, shifts_yx_px=s.tolist()))
+                            rms_px_frame1=ea, rms_px_offset_free=eo, rms_px_local_points=el,
+                            rms_px_frame1_vs_drift=ed, shifts_yx_px=s.tolist()))
     print(f"(÷tmc: this row's seconds per movie (wall, or CPU of its own process) over the peer's, both reading the "
-          f"MRC file where input is mrc; CPU time is less sensitive to the machine's load. Zero-motion RMS would be "
+          f"MRC file where input is mrc; CPU time is less sensitive to the machine's load. global: RMS of the "
+          f"trajectory against the frame's true mean motion, anchored at frame 1 and with the best constant offset "
+          f"removed; local: RMS of the total motion at a 9×9 grid of points spanning the frame (a global-only "
+          f"estimate counts as the same motion everywhere); vs drift: against the simulator's drift alone, which "
+          f"leaves out the local field's mean over the area. Zero-motion RMS would be "
           f"{rms_anchored(torch.zeros_like(truth), truth):.2f} px)")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
             size=args.size, shape=list(shape), frames=n_frames, pixel_size=px, dose_per_frame=args.dose_per_frame,
-            device=str(device), threads=args.threads, truth_yx_px=truth.tolist(), rows=figures,
+            device=str(device), threads=args.threads, truth_yx_px=truth.tolist(), drift_yx_px=drift.tolist(),
+            rows=figures,
             peer={k: v for k, v in (peer or {}).items() if k not in ("global", "optimiser")},
             command=" ".join(sys.argv)), indent=1))
     if tmp is not None:
