@@ -135,6 +135,19 @@ class AcceptanceSettings(BaseModel):
     )
 
 
+class OpticsGroupSettings(BaseModel):
+    """Optics groups (rlnOpticsGroup) from the acquisition metadata's beam shifts: ``preprocess.optics_groups``.
+
+    ``n_groups`` 1 (default, RELION's): one group; N: the multi-shot positions (e.g. 9 for 3×3); None: as many as
+    the beam shifts show. Exposures without a beam shift are grouped by grid square."""
+
+    model_config = ConfigDict(frozen=True)
+
+    n_groups: int | None = Field(1, ge=1, description="1: one optics group; N: beam-shift positions; None: auto")
+    min_gap: float = Field(6.0, gt=1, description="spacing between positions / jitter within one, at least")
+    max_pending: int = Field(60, ge=2, description="exposures that may wait while the grouping is learned")
+
+
 class Settings(BaseModel):
     """Everything a session needs to know to process movies."""
 
@@ -151,6 +164,7 @@ class Settings(BaseModel):
     extraction: ExtractionSettings = ExtractionSettings()
     class2d: Class2DSettings = Class2DSettings()
     acceptance: AcceptanceSettings = AcceptanceSettings()
+    optics_groups: OpticsGroupSettings = OpticsGroupSettings()
     symmetry: str = "C1"
     device: str = "cpu"
     n_workers: int = 2
