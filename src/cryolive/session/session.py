@@ -146,6 +146,9 @@ class Session:
                 self.store.save_thresholds(thresholds.model_dump(), source="start")
         self._curation_version = self.store.curation_version()
         self.class2d = Class2DStage(self.out, settings, self.store, self.device)
+        from .acquisition import AcquisitionStage
+
+        self.acquisition = AcquisitionStage(self.store, settings)  # metadata beside each movie, optics groups
         write_provenance(self.out, current)
 
     # ------------------------------------------------------------------ registering movies
@@ -293,6 +296,8 @@ class Session:
             if outcome.frame_shape and self.frame_shape is None:
                 self.store.set_value("frame_shape", list(outcome.frame_shape))
             self.store.mark_done(eid, outcome.n_particles)
+            self.acquisition.record(eid, exp.path, next((st.metrics.get("n_frames") for st in outcome.stages
+                                                         if st.stage == "motion"), None))
             self._done_this_run += 1
             log.info("%s: done, %d particles (%.1f s)", outcome.name, outcome.n_particles, outcome.seconds)
             return
@@ -380,6 +385,7 @@ class Session:
         while self._in_flight:
             self.step(timeout=1.0)
         self.class2d.feed(final=True, end_of_run=True)
+        self.acquisition.finish()  # exposures still waiting for their optics group get it now
         self.write_outputs()
         self._report()
 
@@ -432,20 +438,38 @@ class Session:
 
 
 # ---------------------------------------------------------------------------------------------- STAR files
-def optics_table(settings: Settings, image_pixel_size: float | None = None, image_size: int | None = None):
-    """RELION's data_optics (one optics group), with the image columns for particles when given."""
+def optics_table(settings: Settings, image_pixel_size: float | None = None, image_size: int | None = None,
+                 n_groups: int = 1):
+    """RELION's data_optics: groups 1..``n_groups`` (one by default; beam-shift groups, see
+    :mod:`.acquisition`), all with the session's optics, with the image columns for particles when given."""
     import pandas as pd
 
     o = settings.optics
-    row = {
-        "rlnOpticsGroup": 1, "rlnOpticsGroupName": "opticsGroup1",
-        "rlnMicrographOriginalPixelSize": o.pixel_size_angstrom, "rlnMicrographPixelSize": o.pixel_size_angstrom,
-        "rlnVoltage": o.voltage_kv, "rlnSphericalAberration": o.cs_mm, "rlnAmplitudeContrast": o.amplitude_contrast,
-    }
-    if image_pixel_size is not None:
-        row.update({"rlnImagePixelSize": float(image_pixel_size), "rlnImageSize": int(image_size),
-                    "rlnImageDimensionality": 2})
-    return pd.DataFrame([row])
+    rows = []
+    for g in range(1, int(n_groups) + 1):
+        row = {
+            "rlnOpticsGroup": g, "rlnOpticsGroupName": f"opticsGroup{g}",
+            "rlnMicrographOriginalPixelSize": o.pixel_size_angstrom, "rlnMicrographPixelSize": o.pixel_size_angstrom,
+            "rlnVoltage": o.voltage_kv, "rlnSphericalAberration": o.cs_mm, "rlnAmplitudeContrast": o.amplitude_contrast,
+        }
+        if image_pixel_size is not None:
+            row.update({"rlnImagePixelSize": float(image_pixel_size), "rlnImageSize": int(image_size),
+                        "rlnImageDimensionality": 2})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _with_optics_groups(df, store: SessionStore, settings: Settings):
+    """Rows (with ``_exposure_id``) with their exposure's optics group; with grouping on, rows of exposures still
+    waiting for a group are left out (see :mod:`.acquisition`). Returns (rows, number of groups)."""
+    from .acquisition import optics_group_assignment, optics_group_count
+
+    groups = optics_group_assignment(store, settings)
+    if groups is None or "_exposure_id" not in df.columns:
+        return df, 1
+    group = df["_exposure_id"].map(lambda e: groups.get(int(e), 0)).astype(int)
+    df = df.assign(rlnOpticsGroup=group.to_numpy())
+    return df[group.to_numpy() > 0], optics_group_count(store, settings)
 
 
 def exposure_rows(store: SessionStore, settings: Settings) -> list[dict]:
@@ -468,8 +492,10 @@ def write_exposures_star(out: Path, store: SessionStore, settings: Settings, sum
     from .curation import EXPOSURES_STAR_COLUMNS, curate, exposures_star_frame
 
     summary = curate(store, settings) if summary is None else summary
-    df = exposures_star_frame(summary.table, summary.decision)[EXPOSURES_STAR_COLUMNS]
-    return write_star(out / "exposures.star", {"optics": optics_table(settings), "micrographs": df}, fast=True)
+    df, n_groups = _with_optics_groups(exposures_star_frame(summary.table, summary.decision), store, settings)
+    df = df[EXPOSURES_STAR_COLUMNS]
+    return write_star(out / "exposures.star", {"optics": optics_table(settings, n_groups=n_groups),
+                                               "micrographs": df}, fast=True)
 
 
 def accepted_particles(out: Path, store: SessionStore, settings: Settings, cache: dict | None = None, summary=None):
@@ -523,7 +549,7 @@ def write_particles_star(out: Path, store: SessionStore, settings: Settings, cac
         df = pd.DataFrame(columns=["rlnImageName", "rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY",
                                    "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnOpticsGroup",
                                    "_exposure_id", "_index"])
-    df = df.copy()
+    df, n_groups = _with_optics_groups(df.copy(), store, settings)
     classes = []
     for eid, sub in df.groupby("_exposure_id", sort=False):
         known = store.particle_classes(int(eid))
@@ -535,7 +561,7 @@ def write_particles_star(out: Path, store: SessionStore, settings: Settings, cac
         if (cls > 0).any():
             df["rlnClassNumber"] = cls.astype(int)
     df = df.drop(columns=["_exposure_id", "_index"])
-    optics = optics_table(settings, ext["particle_pixel_size_angstrom"], ext["output_box_size_px"])
+    optics = optics_table(settings, ext["particle_pixel_size_angstrom"], ext["output_box_size_px"], n_groups=n_groups)
     return write_star(out / "particles.star", {"optics": optics, "particles": df}, fast=True)
 
 
