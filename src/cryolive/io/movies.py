@@ -1,5 +1,8 @@
 """Open cryo-EM movies lazily (MRC/MRCS, TIFF incl. LZW, EER), check them, and read gain references.
 
+Counts may be 4-bit (SerialEM: MRC mode 101 with two pixels per byte, the left one in the low nibble and each
+row padded to a whole byte; TIFF with BitsPerSample 4), 8-bit, 16-bit or float; all are read as float32.
+
 A movie is a stack of frames ``(t, h, w)``, row 0 first, as mrcfile and tifffile return them.
 Every problem with a file is raised as :class:`MovieError` with a reason a person can act on; its
 ``transient`` flag says whether the file may still be being written (retry later) or is bad for good.
@@ -29,6 +32,8 @@ import numpy as np
 from . import eer as _eer
 
 MRC_SUFFIXES = (".mrc", ".mrcs")
+#: MRC mode of SerialEM's/IMOD's packed 4-bit counts (two pixels per byte, the left one in the low nibble)
+PACKED_4BIT_MODE = 101
 TIFF_SUFFIXES = (".tif", ".tiff")
 EER_SUFFIXES = (".eer",)
 
@@ -111,7 +116,8 @@ def _mrc_header(path: Path):
                 ext = int(h.nsymbt)
                 mode = int(h.mode)
                 try:
-                    dtype = data_dtype_from_header(h)
+                    # mode 101 (IMOD/SerialEM): 4-bit counts packed two per byte, read by _read_packed_4bit_mrc
+                    dtype = np.uint8 if mode == PACKED_4BIT_MODE else data_dtype_from_header(h)
                 except ValueError as exc:
                     raise MovieError(f"{path.name}: unsupported MRC mode {mode}: {exc}") from exc
     except MovieError:
@@ -126,20 +132,57 @@ def _mrc_header(path: Path):
 def _validate_mrc(path: Path):
     nx, ny, nz, dtype, ext, mode = _mrc_header(path)
     data_bytes = nx * ny * nz * dtype.itemsize
+    what = dtype.name
+    if mode == PACKED_4BIT_MODE:  # two pixels per byte, each row padded to a whole byte
+        data_bytes, what = nz * ny * ((nx + 1) // 2), "4-bit (mode 101)"
     expected = 1024 + ext + data_bytes
     size = path.stat().st_size
     if size < expected:
         raise MovieError(
-            f"{path.name}: truncated: header says {nz} frames of {nx}×{ny} {dtype.name} = {data_bytes} bytes "
+            f"{path.name}: truncated: header says {nz} frames of {nx}×{ny} {what} = {data_bytes} bytes "
             f"(+1024 header +{ext} extended header = {expected} bytes), file has {size} bytes",
             transient=True,
         )
     if size > expected:
         raise MovieError(
-            f"{path.name}: header says {nz} frames of {nx}×{ny} {dtype.name} = {expected} bytes in all, "
+            f"{path.name}: header says {nz} frames of {nx}×{ny} {what} = {expected} bytes in all, "
             f"but the file has {size} bytes (extra data after the frames)"
         )
     return (nz, ny, nx), dtype
+
+
+def unpack_4bit(packed: np.ndarray, width: int, low_nibble_first: bool = True) -> np.ndarray:
+    """Counts of 4-bit pixels packed two per byte → float32 ``(..., width)``.
+
+    ``packed (..., ceil(width / 2))`` uint8 rows (each row starts on a byte; an odd width leaves the last
+    nibble unused). ``low_nibble_first``: the left pixel of a pair is in the low 4 bits (MRC mode 101, as
+    IMOD and SerialEM write it); False: in the high 4 bits (TIFF with BitsPerSample 4).
+    """
+    packed = np.asarray(packed, dtype=np.uint8)
+    row_bytes = packed.shape[-1]
+    if row_bytes != (width + 1) // 2:
+        raise ValueError(f"{row_bytes} bytes per row cannot hold {width} 4-bit pixels "
+                         f"(expected {(width + 1) // 2})")
+    first, second = (packed & 0x0F, packed >> 4) if low_nibble_first else (packed >> 4, packed & 0x0F)
+    out = np.empty((*packed.shape[:-1], width), dtype=np.float32)
+    out[..., 0::2] = first[..., : (width + 1) // 2]
+    out[..., 1::2] = second[..., : width // 2]
+    return out
+
+
+def _read_packed_4bit_mrc(path: Path, shape: tuple[int, int, int], start: int, stop: int) -> np.ndarray:
+    """Frames ``start..stop-1`` of a mode-101 MRC as float32 ``(n, h, w)`` (rows padded to whole bytes)."""
+    nz, ny, nx = shape
+    ext = _mrc_header(path)[4]
+    row_bytes = (nx + 1) // 2
+    try:
+        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=1024 + ext, shape=(nz, ny, row_bytes))
+    except ValueError as exc:  # the file is shorter than the header says
+        raise MovieError(f"{path.name}: truncated 4-bit MRC: {exc}", transient=True) from exc
+    try:
+        return unpack_4bit(raw[start:stop], nx, low_nibble_first=True)
+    finally:
+        del raw
 
 
 # ---------------------------------------------------------------------------------------------- TIFF
@@ -159,7 +202,28 @@ def _tiff_pages(path: Path):
     if not pages:
         tif.close()
         raise MovieError(f"{path.name}: TIFF has no pages", transient=True)
+    nxt = _next_ifd_offset(tif, pages[-1])
+    if nxt is not None and nxt != 0:  # the page chain points past the end of the file: still being written
+        tif.close()
+        raise MovieError(f"{path.name}: truncated: TIFF page {len(pages)} links to a next page at byte {nxt} "
+                         f"that cannot be read (the file has {path.stat().st_size} bytes)", transient=True)
     return tif, pages
+
+
+def _next_ifd_offset(tif, page) -> int | None:
+    """The offset of the page after ``page`` as its IFD stores it (0: last page), or None if unreadable."""
+    import struct
+
+    t = tif.tiff
+    try:
+        fh = tif.filehandle
+        fh.seek(int(page.offset))
+        n = struct.unpack(t.tagnoformat, fh.read(t.tagnosize))[0]
+        fh.seek(int(page.offset) + t.tagnosize + n * t.tagsize)
+        raw = fh.read(t.offsetsize)
+        return struct.unpack(t.offsetformat, raw)[0] if len(raw) == t.offsetsize else None
+    except Exception:
+        return None
 
 
 def _validate_tiff(path: Path, decode: bool = True):
@@ -237,6 +301,9 @@ class Movie:
 
             import mrcfile
 
+            if self._packed_4bit():
+                return _read_packed_4bit_mrc(self.path, self.shape, start, stop)
+
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 with mrcfile.mmap(self.path, mode="r", permissive=True) as m:
@@ -262,6 +329,12 @@ class Movie:
             for job in jobs:
                 job.result()
         return out
+
+    def _packed_4bit(self) -> bool:
+        """Whether this MRC movie holds 4-bit counts (mode 101); read from the header once."""
+        if getattr(self, "_mrc_mode", None) is None:
+            self._mrc_mode = _mrc_header(self.path)[5]
+        return self._mrc_mode == PACKED_4BIT_MODE
 
     def _read_tiff_pages(self, out: np.ndarray, offset: int, a: int, b: int) -> None:
         """Decode TIFF pages ``a..b-1`` into ``out[a - offset : b - offset]``."""
