@@ -63,6 +63,9 @@ EER_FRACTION = typer.Option(None, "--eer-fraction-frames", help="EER: raw frames
 EER_TOTAL_DOSE = typer.Option(None, "--eer-total-dose", help="EER: e/Å² of the whole exposure; fractions then hold "
                               "about --dose-per-frame each")
 PATCHES = typer.Option("5x5", "--motion-patches", help="local motion patch grid, ROWSxCOLUMNS (1x1: global only)")
+OPTICS_GROUPS = typer.Option("1", "--optics-groups", help="optics groups from the beam shifts in the acquisition "
+                             "metadata (EPU XML, SerialEM mdoc, FEI MRC header): 1 (default: one group, as RELION), "
+                             "N (the multi-shot positions, e.g. 9 for 3x3) or auto")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="log every exposure")
 THRESHOLDS_FILE = typer.Option(None, "--thresholds",
                                help="exposure curation thresholds, JSON {\"max_ctf_resolution_angstrom\": 6, ...}")
@@ -78,6 +81,20 @@ def _patch_grid(text: str) -> tuple[int, int]:
     except ValueError:
         raise typer.BadParameter(f"--motion-patches must look like 5x5 (rows x columns ≥ 1), got {text!r}")
     return rows, cols
+
+
+def _optics_groups(settings, text: str):
+    """``settings`` with ``--optics-groups`` applied (1, N ≥ 1 or auto)."""
+    from .config import OpticsGroupSettings
+
+    value = str(text).strip().lower()
+    try:
+        n = None if value == "auto" else int(value)
+        if n is not None and n < 1:
+            raise ValueError
+    except ValueError:
+        raise typer.BadParameter(f"--optics-groups must be a number ≥ 1 or auto, got {text!r}")
+    return settings.model_copy(update={"optics_groups": OpticsGroupSettings(n_groups=n)})
 
 
 def _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y, particle_diameter,
@@ -298,7 +315,7 @@ def process(
     eer_total_dose: Optional[float] = EER_TOTAL_DOSE, motion_patches: str = PATCHES, verbose: bool = VERBOSE,
     thresholds: Optional[Path] = THRESHOLDS_FILE, threshold: Optional[list[str]] = THRESHOLD,
     picker: str = PICKER, templates: Optional[Path] = TEMPLATES, picker_model: Optional[Path] = PICKER_MODEL,
-    templates_from_2d: bool = TEMPLATES_FROM_2D,
+    templates_from_2d: bool = TEMPLATES_FROM_2D, optics_groups: str = OPTICS_GROUPS,
 ):
     """Process the movies that are there, to the end of the pipeline, and exit.
 
@@ -315,6 +332,7 @@ def process(
                          particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
                          write_no_dw, eer_upsampling, eer_fraction_frames, eer_total_dose, motion_patches,
                          picker, templates, picker_model, templates_from_2d)
+    settings = _optics_groups(settings, optics_groups)
     _check_device(settings)
     _check_gain(settings)
     _check_gain_orientation(settings, movies)
@@ -335,7 +353,7 @@ def live(
     eer_upsampling: int = EER_UPSAMPLING, eer_fraction_frames: Optional[int] = EER_FRACTION,
     eer_total_dose: Optional[float] = EER_TOTAL_DOSE, motion_patches: str = PATCHES,
     picker: str = PICKER, templates: Optional[Path] = TEMPLATES, picker_model: Optional[Path] = PICKER_MODEL,
-    templates_from_2d: bool = TEMPLATES_FROM_2D,
+    templates_from_2d: bool = TEMPLATES_FROM_2D, optics_groups: str = OPTICS_GROUPS,
     settle: float = typer.Option(3.0, "--settle", help="seconds a file's size and mtime must stay unchanged"),
     stop_after_idle: Optional[float] = typer.Option(None, "--stop-after-idle",
                                                     help="stop after this many seconds without new movies"),
@@ -361,6 +379,7 @@ def live(
                          particle_diameter, symmetry, device, workers, n_classes, min_particles_2d, pattern,
                          write_no_dw, eer_upsampling, eer_fraction_frames, eer_total_dose, motion_patches,
                          picker, templates, picker_model, templates_from_2d)
+    settings = _optics_groups(settings, optics_groups)
     _check_device(settings)
     _check_gain(settings)
     curation_thresholds = _thresholds(settings, thresholds, threshold)

@@ -96,3 +96,21 @@ def test_one_optics_group_by_default_even_with_beam_shifts(tmp_path, movie_write
     optics, groups = _groups(tmp_path / "out")
     assert optics["rlnOpticsGroup"].tolist() == [1] and set(groups.values()) == {1}
     assert md["source"] == "epu" and md["pixel_size_angstrom"] == 2.1 and len(md["beam_shift"]) == 2
+
+
+def test_optics_groups_option(tmp_path):
+    import pytest
+    import typer
+    from typer.testing import CliRunner
+
+    from cryolive.cli import _optics_groups, app
+    from cryolive.config import Settings
+
+    assert _optics_groups(Settings(), "auto").optics_groups.n_groups is None
+    assert _optics_groups(Settings(), "9").optics_groups.n_groups == 9
+    for bad in ("0", "many"):
+        with pytest.raises(typer.BadParameter, match="--optics-groups must be a number ≥ 1 or auto"):
+            _optics_groups(Settings(), bad)
+    res = CliRunner().invoke(app, ["process", str(tmp_path), "--out", str(tmp_path / "o"), "--pixel-size", "1",
+                                   "--dose-per-frame", "1", "--optics-groups", "-3"])
+    assert res.exit_code == 2 and "--optics-groups" in res.output
