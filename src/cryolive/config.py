@@ -157,6 +157,23 @@ class Settings(BaseModel):
     dose_per_frame: float = Field(1.0, gt=0, description="e/Å² per movie frame")
     gain_path: str | None = None
     gain_flip_y: bool = False
+    gain_rotate: Literal[0, 90, 180, 270] = Field(
+        0, description="rotate the gain reference counter-clockwise by this many degrees (as shown with row 0 at "
+        "the top), before any flip; RELION's/MotionCor2's gain_rot N (N × 90° clockwise) is (360 − 90·N) % 360 here"
+    )
+    gain_flip: Literal["none", "y", "x"] = Field(
+        "none", description="then flip the gain reference: y = upside down (rows), x = left to right (columns); "
+        "RELION's/MotionCor2's gain_flip 1 = y, 2 = x. gain_flip_y=True is the same as 'y'"
+    )
+    defect_path: str | None = Field(
+        None, description="detector defects of the movie frames: a SerialEM defect list, a MotionCor2 'x y w h' "
+        "file or an MRC/TIFF defect map (nonzero = bad), see io.defects; replaced in every frame before alignment"
+    )
+    movie_bin: int = Field(
+        1, ge=1, description="Fourier-crop every frame by this factor after gain and defect correction (super-"
+        "resolution movies: 2); micrographs, CTF and particles then have pixel size optics.pixel_size_angstrom × "
+        "movie_bin (optics.pixel_size_angstrom stays the movie's own, as RELION's rlnMicrographOriginalPixelSize)"
+    )
     motion: MotionSettings = MotionSettings()
     eer: EerSettings = EerSettings()
     ctf: CTFSettings = CTFSettings()
@@ -169,6 +186,41 @@ class Settings(BaseModel):
     device: str = "cpu"
     n_workers: int = 2
     movie_pattern: str = "*.tif,*.tiff,*.mrc,*.mrcs,*.eer"
+
+    @model_validator(mode="after")
+    def _one_gain_flip(self):
+        if self.gain_flip_y and self.gain_flip == "x":
+            raise ValueError("gain_flip_y (flip in Y) and gain_flip 'x' contradict each other: give one flip")
+        return self
+
+    @property
+    def gain_orientation(self) -> tuple[int, bool]:
+        """The gain's orientation as ``io.movies.read_gain`` takes it: ``(rotate counter-clockwise deg, flip_y)``.
+
+        A flip in X after a rotation by r equals a flip in Y after a rotation by r + 180°.
+        """
+        if self.gain_flip == "x":
+            return (int(self.gain_rotate) + 180) % 360, True
+        return int(self.gain_rotate), bool(self.gain_flip_y or self.gain_flip == "y")
+
+    @property
+    def micrograph_pixel_size_angstrom(self) -> float:
+        """Pixel size of the micrographs (and of everything made from them): the movie's × ``movie_bin``, Å."""
+        return float(self.optics.pixel_size_angstrom) * int(self.movie_bin)
+
+    def frame_preparation(self) -> dict:
+        """The settings for gain orientation, defects and binning that differ from the defaults (for stage
+        hashes: sessions that do not use them keep the hashes they had before these settings existed)."""
+        out = {}
+        if self.gain_rotate:
+            out["gain_rotate"] = int(self.gain_rotate)
+        if self.gain_flip != "none":
+            out["gain_flip"] = self.gain_flip
+        if self.defect_path:
+            out["defect_path"] = self.defect_path
+        if self.movie_bin != 1:
+            out["movie_bin"] = int(self.movie_bin)
+        return out
 
 
 def settings_hash(*parts: BaseModel | dict | str | float | int | None) -> str:
