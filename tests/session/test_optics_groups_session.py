@@ -114,3 +114,23 @@ def test_optics_groups_option(tmp_path):
     res = CliRunner().invoke(app, ["process", str(tmp_path), "--out", str(tmp_path / "o"), "--pixel-size", "1",
                                    "--dose-per-frame", "1", "--optics-groups", "-3"])
     assert res.exit_code == 2 and "--optics-groups" in res.output
+
+
+def test_streaming_exposures_wait_for_their_group_then_keep_it(tmp_path, movie_writer, fake_stages, small_settings):
+    movies, truth = write_epu_session(tmp_path / "epu", movie_writer, n_stage=2, seed=11)
+    settings = small_settings.model_copy(update={"optics_groups": OpticsGroupSettings(n_groups=None)})
+    out = tmp_path / "out"
+    history = []
+    with Session(out, settings, stages=fake_stages, output_interval_s=0.0) as s:
+        s.add_movies(movies)
+        while s.store.counts()["pending"]:
+            s.step(timeout=1.0)
+            s.write_outputs()
+            history.append((s.store.counts()["done"], _groups(out)[1]))
+        s.finalize()
+    for (_, before), (_, after) in zip(history, history[1:]):
+        assert all(after[m] == g for m, g in before.items())  # a group once written never changes
+    waiting = [done - len(groups) for done, groups in history]
+    assert waiting[0] == 1 and waiting[-1] == 0  # the first exposures wait (left out), then all are listed
+    _, final = _groups(out)
+    assert len(final) == 18 and len({(g, truth[m]) for m, g in final.items()}) == 9
