@@ -39,7 +39,18 @@ CS = typer.Option(2.7, "--cs", help="spherical aberration, mm")
 AMPLITUDE = typer.Option(0.1, "--amplitude-contrast", help="fraction of amplitude contrast")
 DOSE = typer.Option(..., "--dose-per-frame", help="dose per movie frame, e/Å²")
 GAIN = typer.Option(None, "--gain", help="gain reference (MRC or TIFF), multiplicative: corrected = raw × gain")
-GAIN_FLIP = typer.Option(False, "--gain-flip-y", help="flip the gain reference in Y (rows) before use")
+GAIN_FLIP = typer.Option(False, "--gain-flip-y", help="flip the gain reference in Y (rows) before use (= --gain-flip y)")
+GAIN_ROTATE = typer.Option(0, "--gain-rotate", help="rotate the gain reference counter-clockwise by 0, 90, 180 or 270 "
+                           "degrees (row 0 shown at the top), before the flip; RELION's/MotionCor2's --gain_rot N is "
+                           "(360 - 90 N) mod 360 here")
+GAIN_FLIP_AXIS = typer.Option("none", "--gain-flip", help="then flip the gain reference: none, y (upside down) or x "
+                              "(left to right); RELION's/MotionCor2's --gain_flip 1 is y, 2 is x")
+DEFECT_FILE = typer.Option(None, "--defect-file", help="detector defects, replaced in every frame before alignment: "
+                           "a SerialEM defect list, a MotionCor2 'x y w h' file or an MRC/TIFF defect map (nonzero = "
+                           "bad), in the orientation of the movie frames")
+MOVIE_BIN = typer.Option(1, "--bin", help="Fourier-crop every frame by this factor after gain and defect correction "
+                         "(2 for super-resolution movies); outputs then have pixel size --pixel-size × --bin "
+                         "(--pixel-size is the movie's)")
 DIAMETER = typer.Option(150.0, "--particle-diameter", help="particle diameter, Å")
 SYMMETRY = typer.Option("C1", "--symmetry", help="point-group symmetry (for 3D)")
 PICKER = typer.Option("blob", "--picker", help="blob (reference-free), template (--templates) or learned "
@@ -95,6 +106,50 @@ def _optics_groups(settings, text: str):
     except ValueError:
         raise typer.BadParameter(f"--optics-groups must be a number ≥ 1 or auto, got {text!r}")
     return settings.model_copy(update={"optics_groups": OpticsGroupSettings(n_groups=n)})
+
+
+def _frame_options(settings, gain_rotate: int = 0, gain_flip: str = "none", defect_file=None, movie_bin: int = 1):
+    """``settings`` with the gain orientation, defect file and binning options applied (checked)."""
+    if gain_rotate not in (0, 90, 180, 270):
+        raise typer.BadParameter(f"--gain-rotate must be 0, 90, 180 or 270, got {gain_rotate}")
+    if gain_flip not in ("none", "y", "x"):
+        raise typer.BadParameter(f"--gain-flip must be none, y or x, got {gain_flip!r}")
+    if settings.gain_flip_y and gain_flip == "x":
+        raise typer.BadParameter("--gain-flip-y and --gain-flip x contradict each other: give one flip")
+    if movie_bin < 1:
+        raise typer.BadParameter(f"--bin must be an integer ≥ 1, got {movie_bin}")
+    if defect_file is not None and not Path(defect_file).is_file():
+        raise typer.BadParameter(f"--defect-file {defect_file}: no such file")
+    return settings.model_copy(update={
+        "gain_rotate": int(gain_rotate), "gain_flip": gain_flip, "movie_bin": int(movie_bin),
+        "defect_path": str(Path(defect_file).resolve()) if defect_file is not None else None})
+
+
+def _check_defects(settings, movies=None) -> None:
+    """Fail fast on an unusable defect file (every movie would fail with the same reason): read it for the frames
+    of the first movie there is (without one, only its form can be checked later, per movie)."""
+    if not settings.defect_path:
+        return
+    from .io.defects import read_defect_map
+    from .io.movies import MovieError, open_movie
+    from .session.session import expand_movie_args
+
+    try:
+        paths = expand_movie_args(movies, settings.movie_pattern)[:1] if movies else []
+    except (OSError, ValueError):
+        paths = []
+    try:
+        shape = open_movie(paths[0]).shape[1:] if paths else None
+    except MovieError:
+        shape = None  # that movie's own problem is reported by the session
+    if shape is None:
+        return
+    try:
+        mask = read_defect_map(settings.defect_path, shape)
+    except MovieError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    log.info("defect file %s: %d bad pixels in %d×%d frames", settings.defect_path, int(mask.sum()), *shape)
 
 
 def _settings(pixel_size, voltage, cs, amplitude_contrast, dose_per_frame, gain, gain_flip_y, particle_diameter,
@@ -185,17 +240,20 @@ def _check_gain(settings) -> None:
         from .io.movies import MovieError, read_gain
 
         try:
-            read_gain(settings.gain_path, flip_y=settings.gain_flip_y)
+            rotate, flip_y = settings.gain_orientation
+            read_gain(settings.gain_path, flip_y=flip_y, rotate=rotate)
         except MovieError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
 
 
 def _check_gain_orientation(settings, movies, n_movies: int = 2) -> str | None:
-    """Warn (never stop) when the gain reference fits the first movies better rotated or flipped.
+    """Warn (never stop) when the gain reference fits the first movies better in another orientation than given.
 
-    Sums the raw frames of up to ``n_movies`` movies and compares the 8 orientations of the gain
-    (:func:`cryolive.preprocess.gain.check_gain_orientation`); returns the warning it logged, if any.
+    Sums the raw frames of up to ``n_movies`` movies and compares the 8 orientations of the gain as stored
+    (:func:`cryolive.preprocess.gain.check_gain_orientation`) with the session's (``--gain-rotate``,
+    ``--gain-flip``, ``--gain-flip-y``); the warning names the one that fits in those options' terms (and
+    RELION's); returns the warning it logged, if any.
     """
     if not settings.gain_path:
         return None
@@ -206,11 +264,11 @@ def _check_gain_orientation(settings, movies, n_movies: int = 2) -> str | None:
     from .session.session import expand_movie_args
 
     try:
-        gain = read_gain(settings.gain_path, flip_y=settings.gain_flip_y)
+        gain = read_gain(settings.gain_path)  # as stored; the session's orientation is compared with the others
         total = None
         for path in expand_movie_args(movies, settings.movie_pattern)[:n_movies]:
             frames_sum = open_movie(path).read_all().sum(0)
-            if frames_sum.shape != gain.shape:
+            if frames_sum.shape not in (gain.shape, gain.shape[::-1]):
                 return None  # the shape mismatch is reported per movie by the session
             total = frames_sum if total is None else total + frames_sum
     except (MovieError, OSError, ValueError) as exc:
@@ -218,9 +276,9 @@ def _check_gain_orientation(settings, movies, n_movies: int = 2) -> str | None:
         return None
     if total is None:
         return None
-    warning = check_gain_orientation(torch.from_numpy(total), torch.from_numpy(gain))
+    warning = check_gain_orientation(torch.from_numpy(total), torch.from_numpy(gain), given=settings.gain_orientation)
     if warning:
-        warning = f"{warning} (given: --gain {settings.gain_path}, gain flip Y {settings.gain_flip_y})"
+        warning = f"{warning} (--gain {settings.gain_path})"
         log.warning(warning)
     return warning
 
@@ -314,6 +372,8 @@ def process(
     eer_upsampling: int = EER_UPSAMPLING, eer_fraction_frames: Optional[int] = EER_FRACTION,
     eer_total_dose: Optional[float] = EER_TOTAL_DOSE, motion_patches: str = PATCHES, verbose: bool = VERBOSE,
     thresholds: Optional[Path] = THRESHOLDS_FILE, threshold: Optional[list[str]] = THRESHOLD,
+    gain_rotate: int = GAIN_ROTATE, gain_flip: str = GAIN_FLIP_AXIS, defect_file: Optional[Path] = DEFECT_FILE,
+    movie_bin: int = MOVIE_BIN,
     picker: str = PICKER, templates: Optional[Path] = TEMPLATES, picker_model: Optional[Path] = PICKER_MODEL,
     templates_from_2d: bool = TEMPLATES_FROM_2D, optics_groups: str = OPTICS_GROUPS,
 ):
@@ -333,8 +393,10 @@ def process(
                          write_no_dw, eer_upsampling, eer_fraction_frames, eer_total_dose, motion_patches,
                          picker, templates, picker_model, templates_from_2d)
     settings = _optics_groups(settings, optics_groups)
+    settings = _frame_options(settings, gain_rotate, gain_flip, defect_file, movie_bin)
     _check_device(settings)
     _check_gain(settings)
+    _check_defects(settings, movies)
     _check_gain_orientation(settings, movies)
     _run_session(f"cryolive process → {out}", out, settings, lambda session: session.process(movies),
                  thresholds=_thresholds(settings, thresholds, threshold))
@@ -352,6 +414,8 @@ def live(
     min_particles_2d: int = MIN_2D, pattern: str = PATTERN, write_no_dw: bool = NO_DW,
     eer_upsampling: int = EER_UPSAMPLING, eer_fraction_frames: Optional[int] = EER_FRACTION,
     eer_total_dose: Optional[float] = EER_TOTAL_DOSE, motion_patches: str = PATCHES,
+    gain_rotate: int = GAIN_ROTATE, gain_flip: str = GAIN_FLIP_AXIS, defect_file: Optional[Path] = DEFECT_FILE,
+    movie_bin: int = MOVIE_BIN,
     picker: str = PICKER, templates: Optional[Path] = TEMPLATES, picker_model: Optional[Path] = PICKER_MODEL,
     templates_from_2d: bool = TEMPLATES_FROM_2D, optics_groups: str = OPTICS_GROUPS,
     settle: float = typer.Option(3.0, "--settle", help="seconds a file's size and mtime must stay unchanged"),
@@ -380,8 +444,10 @@ def live(
                          write_no_dw, eer_upsampling, eer_fraction_frames, eer_total_dose, motion_patches,
                          picker, templates, picker_model, templates_from_2d)
     settings = _optics_groups(settings, optics_groups)
+    settings = _frame_options(settings, gain_rotate, gain_flip, defect_file, movie_bin)
     _check_device(settings)
     _check_gain(settings)
+    _check_defects(settings, [str(watch_dir)] if watch_dir.is_dir() else None)
     curation_thresholds = _thresholds(settings, thresholds, threshold)
     _stop_on_sigterm()
     watch_dir.mkdir(parents=True, exist_ok=True)

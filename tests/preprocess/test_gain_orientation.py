@@ -102,3 +102,78 @@ def test_cli_warns_when_the_gain_file_is_flipped(tmp_path, caplog):
     # with the flip given, it fits
     fixed = Settings(gain_path=str(tmp_path / "flipped.mrc"), gain_flip_y=True)
     assert _check_gain_orientation(fixed, movies) is None
+
+
+def _relion_turn(gain: np.ndarray, gain_rot: int, gain_flip: int) -> np.ndarray:
+    """RELION's --gain_rot / --gain_flip as its documentation and ImageOp::rotate90 define them: each rotation
+    step puts source pixel (row y, column x) at (row x, column h − 1 − y) (clockwise as relion_display shows it),
+    then flip 1 = upside down (rows), 2 = left to right (columns)."""
+    out = gain
+    for _ in range(gain_rot):
+        h = out.shape[0]
+        turned = np.empty((out.shape[1], h), dtype=out.dtype)
+        yy, xx = np.indices(out.shape)
+        turned[xx, h - 1 - yy] = out
+        out = turned
+    if gain_flip == 1:
+        out = out[::-1]
+    elif gain_flip == 2:
+        out = out[:, ::-1]
+    return out
+
+
+@pytest.mark.parametrize("gain_rot", [0, 1, 2, 3])
+@pytest.mark.parametrize("gain_flip", [0, 1, 2])
+def test_options_mirror_relion_gain_rot_and_flip(tmp_path, gain_rot, gain_flip):
+    """--gain-rotate (360 − 90·N) % 360 and --gain-flip none/y/x read a gain exactly as RELION's --gain_rot N
+    --gain_flip 0/1/2 turn it, through Settings.gain_orientation and read_gain."""
+    import mrcfile
+
+    from cryolive.config import Settings
+    from cryolive.preprocess.gain import orientation_options
+
+    stored = np.random.default_rng(gain_rot * 3 + gain_flip).random((6, 10)).astype(np.float32) + 0.5
+    path = tmp_path / "gain.mrc"
+    with mrcfile.new(path) as m:
+        m.set_data(stored)
+    s = Settings(gain_path=str(path), gain_rotate=(360 - 90 * gain_rot) % 360,
+                 gain_flip={0: "none", 1: "y", 2: "x"}[gain_flip])
+    rotate, flip_y = s.gain_orientation
+    np.testing.assert_array_equal(read_gain(path, flip_y=flip_y, rotate=rotate), _relion_turn(stored, gain_rot, gain_flip))
+    if gain_flip < 2:  # the canonical terms of a rotate + flip-Y orientation round-trip to RELION's
+        assert orientation_options(rotate, flip_y).endswith(f"--gain_rot {gain_rot} --gain_flip {gain_flip})")
+
+
+def test_cli_reports_the_fitting_orientation_in_its_options_terms(tmp_path, caplog):
+    """A gain stored turned (undone by rotating 90° counter-clockwise, then flipping upside down) is reported as
+    the options that read it back, and RELION's equivalent; with those options (or an equivalent pair) given, no
+    warning."""
+    import logging
+
+    import mrcfile
+
+    from cryolive.cli import _check_gain_orientation
+    from cryolive.config import Settings
+
+    det = make_detector((128, 128), gain_variation=0.1, n_hot_pixels=3, seed=5)
+    g = torch.Generator().manual_seed(5)
+    frames = torch.stack([torch.poisson(8.0 * det.sensitivity, generator=g) for _ in range(20)])
+    (tmp_path / "movies").mkdir()
+    with mrcfile.new(tmp_path / "movies" / "m1.mrc") as m:
+        m.set_data(frames.numpy().astype(np.int16))
+    # stored so that rotating 90° counter-clockwise, then flipping upside down, gives the true gain
+    stored = np.rot90(det.gain.numpy()[::-1], -1)
+    with mrcfile.new(tmp_path / "gain.mrc") as m:
+        m.set_data(np.ascontiguousarray(stored, dtype=np.float32))
+    np.testing.assert_array_equal(read_gain(tmp_path / "gain.mrc", flip_y=True, rotate=90), det.gain.numpy())
+    movies = [str(tmp_path / "movies")]
+    with caplog.at_level(logging.WARNING, logger="cryolive"):
+        warning = _check_gain_orientation(Settings(gain_path=str(tmp_path / "gain.mrc")), movies)
+    assert warning is not None
+    assert "as given (--gain-rotate 0 --gain-flip none" in warning
+    assert "use --gain-rotate 90 --gain-flip y (RELION/MotionCor2: --gain_rot 3 --gain_flip 1)" in warning
+    for ok in (Settings(gain_path=str(tmp_path / "gain.mrc"), gain_rotate=90, gain_flip="y"),
+               Settings(gain_path=str(tmp_path / "gain.mrc"), gain_rotate=270, gain_flip="x")):  # the same turn
+        assert _check_gain_orientation(ok, movies) is None
+    wrong = _check_gain_orientation(Settings(gain_path=str(tmp_path / "gain.mrc"), gain_flip_y=True), movies)
+    assert wrong is not None and "as given (--gain-rotate 0 --gain-flip y" in wrong

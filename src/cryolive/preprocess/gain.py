@@ -75,15 +75,34 @@ def detect_gain_orientation(frames_sum: torch.Tensor, gain: torch.Tensor) -> Gai
     return gain_orientation_scores(frames_sum, gain)[0]
 
 
-def check_gain_orientation(frames_sum: torch.Tensor, gain: torch.Tensor, margin: float = 0.05) -> str | None:
-    """A warning if another orientation fits ``gain`` (as given) better by more than ``margin`` (relative
-    score), naming it; None when the given orientation is the best or within the margin."""
+def orientation_options(rotation_deg: int, flip_y: bool) -> str:
+    """An orientation in the terms of cryolive's options, and the same in RELION's/MotionCor2's terms.
+
+    cryolive: ``--gain-rotate`` counter-clockwise degrees, then ``--gain-flip y`` (upside down). RELION's
+    ``--gain_rot N`` turns the gain N × 90° clockwise as relion_display shows it (row 0 at the top), then
+    ``--gain_flip 1`` flips it upside down (2: left to right), as MotionCor2's -RotGain/-FlipGain; so a
+    counter-clockwise rotation by r is ``--gain_rot (360 − r) / 90 mod 4``.
+    """
+    r = int(rotation_deg) % 360
+    relion_rot = ((360 - r) % 360) // 90
+    return (f"--gain-rotate {r} --gain-flip {'y' if flip_y else 'none'} "
+            f"(RELION/MotionCor2: --gain_rot {relion_rot} --gain_flip {1 if flip_y else 0})")
+
+
+def check_gain_orientation(frames_sum: torch.Tensor, gain: torch.Tensor, margin: float = 0.05,
+                           given: tuple[int, bool] = (0, False)) -> str | None:
+    """A warning if another orientation fits ``gain`` better by more than ``margin`` (relative score) than the
+    ``given`` one ``(rotation_deg, flip_y)`` (the session's options; ``gain`` as stored), naming the one that
+    fits in the options' terms; None when the given orientation is the best or within the margin."""
     scores = gain_orientation_scores(frames_sum, gain)
-    given = next(o for o in scores if o.rotation_deg == 0 and not o.flip_y)
+    given = (int(given[0]) % 360, bool(given[1]))
+    given_o = next((o for o in scores if (o.rotation_deg, o.flip_y) == given), None)
     best = scores[0]
-    if best is given or best.score >= given.score * (1 - margin):
+    if given_o is not None and (best is given_o or best.score >= given_o.score * (1 - margin)):
         return None
     turn = " then ".join(([f"rotated by {best.rotation_deg}° counter-clockwise"] if best.rotation_deg else [])
-                         + (["flipped in Y"] if best.flip_y else []))
-    return (f"the gain reference does not fit the movies as given (pixel variance {given.score:.3g} of mean²); "
-            f"{turn} it fits ({best.score:.3g}): check the gain's rotation/flip options")
+                         + (["flipped in Y"] if best.flip_y else [])) or "as stored"
+    as_given = (f"pixel variance {given_o.score:.3g} of mean²" if given_o is not None
+                else "its shape does not fit the frames that way")
+    return (f"the gain reference does not fit the movies as given ({orientation_options(*given)}: {as_given}); "
+            f"{turn} it fits ({best.score:.3g}): use {orientation_options(best.rotation_deg, best.flip_y)}")
