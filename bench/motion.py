@@ -62,7 +62,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PEER_PYTHON = ROOT / ".bench-envs" / "torch-motion-correction" / "bin" / "python"
+PEER_PYTHON = Path(os.environ.get("CRYOLIVE_BENCH_PEER_PYTHON")
+                   or ROOT / ".bench-envs" / "torch-motion-correction" / "bin" / "python")  # a device machine: its python3
 
 SIZES = {  # (h, w), frames, Å/px, tile side
     "small": ((1024, 1024), 24, 1.0, 1024),
