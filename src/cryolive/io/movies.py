@@ -414,6 +414,46 @@ class EerMovie(Movie):
             raise MovieError(f"{self.path.name}: {exc}") from exc
 
 
+class GainCorrectedMovie(Movie):
+    """A movie whose frames come gain-corrected: ``read_frames`` (hence ``read_all`` and ``iter_chunks``, which
+    multiplies on its decoding thread) returns ``raw × gain``. Works for any :class:`Movie`, EER included.
+
+    ``movie``: the opened movie; ``gain``: float32 ``(h, w)`` multiplicative gain of the movie's frame shape
+    (:func:`read_gain`), not modified. Other attributes (``fraction_frames``, ``layout``...) are the movie's.
+    """
+
+    def __init__(self, movie: Movie, gain: np.ndarray):
+        gain = np.asarray(gain, dtype=np.float32)
+        if tuple(gain.shape) != tuple(movie.shape[1:]):
+            raise MovieError(f"{movie.path.name}: gain reference shape {_fmt_shape(gain.shape)} differs from the "
+                             f"movie frames {_fmt_shape(movie.shape[1:])}")
+        super().__init__(movie.path, movie.format, movie.shape, np.dtype(np.float32))
+        self.movie = movie
+        self.gain = gain
+
+    def __getattr__(self, name):  # only called for attributes not found here: those of the wrapped movie
+        if name == "movie":
+            raise AttributeError(name)
+        return getattr(self.movie, name)
+
+    @property
+    def threads(self) -> int | None:  # decoding threads: the wrapped movie's
+        return self.movie.threads
+
+    @threads.setter
+    def threads(self, value: int | None) -> None:
+        self.movie.threads = value
+
+    def read_frames(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Frames ``start..stop-1`` as float32 ``(n, h, w)``, multiplied by the gain."""
+        frames = self.movie.read_frames(start, stop)
+        frames *= self.gain[None]
+        return frames
+
+    def __repr__(self) -> str:
+        return f"GainCorrectedMovie({self.movie!r})"
+
+
 def _open_eer(path: Path, options: EerOptions | None, decode: bool = False) -> EerMovie:
     try:
         layout = _eer.EerLayout.read(path)
@@ -486,21 +526,51 @@ def validate_movie(path: str | os.PathLike, expected_frame_shape: tuple[int, int
 
 
 # ---------------------------------------------------------------------------------------------- gain
+def _sniff_image_format(path: Path) -> str | None:
+    """"tiff" or "mrc" from a file's first bytes (TIFF/BigTIFF byte-order marks; an MRC header whose
+    dimensions and mode are sane, with "MAP " at byte 208 or an .mrc/.mrcs name), else None."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return "tiff"
+    if len(head) == 1024:
+        for order in ("<", ">"):
+            nx, ny, nz, mode = np.frombuffer(head[:16], dtype=f"{order}i4")
+            if 0 < nx <= 65536 and 0 < ny <= 65536 and 0 < nz <= 1_000_000 and mode in (0, 1, 2, 4, 6, 12, 101):
+                if head[208:212] == b"MAP " or path.name.lower().endswith(MRC_SUFFIXES):
+                    return "mrc"
+    return None
+
+
 def read_gain(path: str | os.PathLike, flip_y: bool = False, rotate: int = 0,
-              movie_shape: tuple[int, int] | None = None) -> np.ndarray:
+              movie_shape: tuple[int, int] | None = None, zero_is_defect: bool | None = None) -> np.ndarray:
     """Read a multiplicative gain reference (``corrected = raw × gain``) from MRC or TIFF → float32 ``(h, w)``.
+
+    The format is recognised from the content, whatever the suffix: TIFF by its byte-order mark, MRC by its
+    header. Falcon's EER gain reference as EPU writes it (``*.gain``) is a TIFF holding the multiplicative gain
+    in the EER frames' orientation, with 0 marking defective pixels; it is read as it is (RELION's
+    ``EERRenderer::loadEERGain`` treats ``.gain`` files the same way: used as a multiplicative gain, no
+    inversion, pixels at 0 are defects).
 
     ``rotate``: counter-clockwise rotation in degrees (multiple of 90), applied first; ``flip_y``: then flip
     the rows (RELION flips TIFF movies in Y on reading; make that explicit here). ``movie_shape`` ``(h, w)``:
-    if given, the gain must have that shape. Raises :class:`MovieError` if unreadable, if any value is zero,
-    negative or not finite, or if the shape does not match.
+    if given, the gain must have that shape. ``zero_is_defect``: accept zeros as defective pixels (they stay 0
+    in the result; find them with ``gain == 0`` and correct them as defects); None: only for ``.gain`` files.
+    Raises :class:`MovieError` if unreadable or of an unknown format, if any value is negative or not finite,
+    zero (unless defects), or if the shape does not match.
     """
     path = Path(path)
     if not path.is_file():
         raise MovieError(f"gain reference {path}: no such file")
     name = path.name.lower()
+    if zero_is_defect is None:
+        zero_is_defect = name.endswith(".gain")
     try:
-        if name.endswith(MRC_SUFFIXES):
+        kind = _sniff_image_format(path)
+    except OSError as exc:
+        raise MovieError(f"gain reference {path.name}: unreadable: {exc}") from exc
+    try:
+        if kind == "mrc":
             import warnings
 
             import mrcfile
@@ -511,12 +581,13 @@ def read_gain(path: str | os.PathLike, flip_y: bool = False, rotate: int = 0,
                     if m.data is None:
                         raise MovieError(f"gain reference {path.name}: MRC has no readable data (truncated?)")
                     gain = np.array(m.data, dtype=np.float32)
-        elif name.endswith(TIFF_SUFFIXES):
+        elif kind == "tiff":
             import tifffile
 
             gain = np.asarray(tifffile.imread(path, key=0), dtype=np.float32)
         else:
-            raise MovieError(f"gain reference {path.name}: unknown format (expected .mrc or .tif)")
+            raise MovieError(f"gain reference {path.name}: unknown format: neither TIFF (no II*/MM* byte-order "
+                             "mark) nor MRC (no valid header); expected an MRC or TIFF image (EPU's .gain is a TIFF)")
     except MovieError:
         raise
     except Exception as exc:
@@ -536,10 +607,14 @@ def read_gain(path: str | os.PathLike, flip_y: bool = False, rotate: int = 0,
     bad = ~np.isfinite(gain)
     if bad.any():
         raise MovieError(f"gain reference {path.name}: {int(bad.sum())} values are NaN or infinite")
-    nonpos = gain <= 0
+    nonpos = (gain < 0) if zero_is_defect else (gain <= 0)
     if nonpos.any():
-        raise MovieError(f"gain reference {path.name}: {int(nonpos.sum())} values are zero or negative "
-                         "(a multiplicative gain must be positive everywhere)")
+        what = "negative" if zero_is_defect else "zero or negative"
+        raise MovieError(f"gain reference {path.name}: {int(nonpos.sum())} values are {what} "
+                         "(a multiplicative gain must be positive everywhere"
+                         + (", or 0 at defects)" if zero_is_defect else ")"))
+    if zero_is_defect and not (gain > 0).any():
+        raise MovieError(f"gain reference {path.name}: every value is 0")
     if movie_shape is not None and tuple(gain.shape) != tuple(movie_shape):
         raise MovieError(f"gain reference {path.name}: shape {_fmt_shape(gain.shape)} differs from the movie "
                          f"frames {_fmt_shape(movie_shape)}")

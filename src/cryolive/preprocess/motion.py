@@ -34,6 +34,7 @@ Method
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,7 @@ class MotionResult:
         ``shifts_at(coords)`` gives ``(t, n, 2)`` px), or None when aligned globally only.
     max_local_deviation_angstrom: largest deviation of the local motion from the frame's mean motion over the
         patch centres and frames, Å (0 without local motion).
+    defect_mask: ``(h, w)`` bool, the pixels replaced in every frame (``defects`` of :func:`align_movie`), or None.
     """
 
     shifts_yx_px: torch.Tensor
@@ -92,6 +94,7 @@ class MotionResult:
     n_iterations: int
     local_motion: LocalMotionModel | None = None
     max_local_deviation_angstrom: float = 0.0
+    defect_mask: torch.Tensor | None = None
 
     def shifts_at(self, coords_yx_px: torch.Tensor) -> torch.Tensor:
         """Total specimen displacement ``(t, n, 2)`` (px, y x) at positions ``coords_yx_px (n, 2)`` of frame 1:
@@ -237,6 +240,7 @@ def align_movie(
     smoothness: float = 0.0,
     max_shift_px: float | None = None,
     device: str | torch.device | None = None,
+    defects: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MotionResult:
     """Align the frames of a movie (globally, then locally by patches) and sum them (dose-weighted and plain).
 
@@ -252,6 +256,12 @@ def align_movie(
         ``dose_weighting``, ``power_spectrum`` (also return the tile-averaged power spectrum of the plain sum).
     smoothness: weight λ of a second-difference prior on the global trajectory (0: none; ~1–10 at very low dose).
     max_shift_px: largest global shift searched relative to the reference (default: a quarter of the frame).
+    defects: optional function from the sum of all frames ``(h, w)`` to a boolean mask ``(h, w)`` of pixels to
+        replace in every frame as :func:`correct_defects` does, before alignment (e.g. :func:`detect_hot_pixels`).
+        With an opened movie the sum is accumulated while decoding; afterwards the decoded frames are corrected
+        in place and the low-frequency spectra already computed are updated exactly for the sparse change
+        (a separable DFT of the changed pixels, or the spectra recomputed when that is cheaper), so the result
+        equals aligning the corrected frames. The mask is returned as ``MotionResult.defect_mask``.
 
     Returns a :class:`MotionResult`; the inputs are not modified.
     """
@@ -279,18 +289,31 @@ def align_movie(
     # movie's size); frames are transformed a few at a time so that no full-size stack is ever built
     small = torch.empty(t, hc, wc // 2 + 1, dtype=torch.complex64, device=dev)
     ck_full = _chunk_for(h * (w // 2 + 1) * 8)
+    defect_mask = None
     if movie is not None:
         # decode ahead (threaded) while the frames already read are transformed; the frames are kept for the sum
         buf = torch.empty((t, h, w), dtype=torch.float32, device=dev)
+        frame_sum = torch.zeros((h, w), dtype=torch.float32, device=dev) if defects is not None else None
         for s, arr in movie.iter_chunks(max(ck_full, 4), prefetch=1):
             chunk = torch.from_numpy(arr).to(dev)
             buf[s : s + chunk.shape[0]] = chunk
+            if frame_sum is not None:
+                frame_sum += chunk.sum(0)
             for i in range(0, chunk.shape[0], ck_full):
                 ft = torch.fft.rfft2(chunk[i : i + ck_full])
                 small[s + i : s + i + ft.shape[0]] = _crop_rfft(ft, h, hc, wc)
                 del ft
             del chunk, arr
         frames = buf
+        if frame_sum is not None:
+            defect_mask = defects(frame_sum).to(device=dev, dtype=torch.bool)
+            del frame_sum
+            if bool(defect_mask.any()):
+                _update_spectra_for_defects(buf, defect_mask, small, hc, wc, ck_full)
+    elif defects is not None:
+        defect_mask = defects(frames.sum(0, dtype=torch.float32)).to(device=dev, dtype=torch.bool)
+        if bool(defect_mask.any()):
+            frames = correct_defects(frames.to(torch.float32), defect_mask)
     for i in range(0, t, ck_full) if movie is None else ():
         ft = torch.fft.rfft2(frames[i : i + ck_full].to(torch.float32))
         small[i : i + ck_full] = _crop_rfft(ft, h, hc, wc)
@@ -374,6 +397,7 @@ def align_movie(
         n_iterations=n_iter,
         local_motion=local,
         max_local_deviation_angstrom=(local.max_deviation_px() * pixel_size_angstrom) if local is not None else 0.0,
+        defect_mask=defect_mask,
     )
 
 
@@ -437,17 +461,98 @@ def correct_defects(frames: torch.Tensor, mask: torch.Tensor, radius_px: int = 2
     single = out.ndim == 2
     if single:
         out = out[None]
-    h, w = out.shape[-2:]
+    _correct_defects_(out, mask, radius_px)
+    return out[0] if single else out
+
+
+def _correct_defects_(frames: torch.Tensor, mask: torch.Tensor, radius_px: int = 2):
+    """:func:`correct_defects` in place on ``frames (t, h, w)``, a few frames at a time (bounded temporaries).
+
+    Returns ``(yy, xx, change)``: the flagged pixels' rows and columns ``(n,)`` and the change ``new − old`` of
+    their values ``(t, n)``.
+    """
+    t, h, w = frames.shape
     yy, xx = torch.nonzero(mask, as_tuple=True)  # (n,)
-    offs = torch.arange(-radius_px, radius_px + 1, device=out.device)
+    offs = torch.arange(-radius_px, radius_px + 1, device=frames.device)
     oy, ox = torch.meshgrid(offs, offs, indexing="ij")
     ny = (yy[:, None] + oy.flatten()[None]).clamp(0, h - 1)  # (n, m)
     nx = (xx[:, None] + ox.flatten()[None]).clamp(0, w - 1)
-    good = (~mask[ny, nx]).to(out.dtype)  # (n, m)
-    vals = out[:, ny, nx]  # (t, n, m)
+    good = (~mask[ny, nx]).to(frames.dtype)  # (n, m)
     count = good.sum(-1)  # (n,)
-    fill = (vals * good).sum(-1) / count.clamp(min=1)  # (t, n)
-    frame_mean = out.flatten(1).mean(1, keepdim=True).expand_as(fill)
-    fill = torch.where(count[None] > 0, fill, frame_mean)
-    out[:, yy, xx] = fill
-    return out[0] if single else out
+    change = torch.empty(t, yy.numel(), dtype=frames.dtype, device=frames.device)
+    ck = _chunk_for(max(ny.numel(), 1) * frames.element_size())
+    for i in range(0, t, ck):
+        out = frames[i : i + ck]
+        vals = out[:, ny, nx]  # (c, n, m)
+        fill = (vals * good).sum(-1) / count.clamp(min=1)  # (c, n)
+        frame_mean = out.flatten(1).mean(1, keepdim=True).expand_as(fill)
+        fill = torch.where(count[None] > 0, fill, frame_mean)
+        change[i : i + ck] = fill - out[:, yy, xx]
+        out[:, yy, xx] = fill
+        del vals
+    return yy, xx, change
+
+
+def _sparse_crop_rfft(change: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, shape: tuple[int, int],
+                      hc: int, wc: int) -> torch.Tensor:
+    """:func:`_crop_rfft` of ``rfft2`` of images ``(t, h, w)`` that are zero except ``change (t, n)`` at pixels
+    ``(yy, xx)``, computed directly: ``Σ_p change_tp e^{-2πi(ky·y_p + kx·x_p)}`` is separable, so pixels sharing
+    a row (or column) are first combined along x (or y), then one matrix product per frame does the other axis.
+    Phases are exact (integer products reduced modulo the frame size). Returns ``(t, hc, wc//2+1)`` complex64."""
+    h, w = shape
+    dev = change.device
+    t = change.shape[0]
+    iy = torch.cat([torch.arange(hc // 2, device=dev), torch.arange(h - hc // 2, h, device=dev)])  # (hc,)
+    ix = torch.arange(wc // 2 + 1, device=dev)  # (wc',)
+
+    def phase(k: torch.Tensor, r: torch.Tensor, n: int) -> torch.Tensor:  # exp(-2πi k r / n), (len k, len r)
+        ang = (k[:, None] * r[None, :]).remainder(n).to(torch.float64) * (-2.0 * math.pi / n)
+        return torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
+
+    val = change.to(torch.complex64)
+    out = torch.empty(t, hc, wc // 2 + 1, dtype=torch.complex64, device=dev)
+    rows, r_idx = torch.unique(yy, return_inverse=True)
+    cols, c_idx = torch.unique(xx, return_inverse=True)
+    n = yy.numel()
+    if rows.numel() <= cols.numel():
+        ex = phase(xx, ix, w)  # (n, wc')
+        ey = phase(iy, rows, h)  # (hc, |R|)
+        ck = _chunk_for(n * (wc // 2 + 1) * 8 + hc * (wc // 2 + 1) * 8)
+        for i in range(0, t, ck):
+            part = val[i : i + ck, :, None] * ex  # (c, n, wc')
+            g = torch.zeros(part.shape[0], rows.numel(), wc // 2 + 1, dtype=torch.complex64, device=dev)
+            g.index_add_(1, r_idx, part)  # pixels of one row combined, (c, |R|, wc')
+            out[i : i + ck] = ey @ g
+    else:
+        ey = phase(iy, yy, h)  # (hc, n)
+        ex = phase(cols, ix, w)  # (|C|, wc')
+        ck = _chunk_for(n * hc * 8 + hc * (wc // 2 + 1) * 8)
+        for i in range(0, t, ck):
+            part = val[i : i + ck, None, :] * ey  # (c, hc, n)
+            g = torch.zeros(part.shape[0], hc, cols.numel(), dtype=torch.complex64, device=dev)
+            g.index_add_(2, c_idx, part)  # pixels of one column combined, (c, hc, |C|)
+            out[i : i + ck] = g @ ex
+    return out
+
+
+def _update_spectra_for_defects(frames: torch.Tensor, mask: torch.Tensor, small: torch.Tensor, hc: int, wc: int,
+                                chunk: int) -> None:
+    """Correct the defects of ``frames (t, h, w)`` in place and bring their cropped spectra ``small`` (computed
+    before) up to date: by the sparse DFT of the change, or by transforming the frames again when that costs
+    less (many defect rows and columns)."""
+    t, h, w = frames.shape
+    yy, xx, change = _correct_defects_(frames, mask)
+    m = min(int(torch.unique(yy).numel()), int(torch.unique(xx).numel()))
+    sparse_flops = 8.0 * hc * (wc // 2 + 1) * m  # per frame: one complex matrix product over m rows/columns
+    fft_flops = 2.5 * h * w * math.log2(h * w)  # per frame: a real 2D FFT
+    if sparse_flops <= _SPARSE_DFT_ADVANTAGE * fft_flops:
+        small += _sparse_crop_rfft(change, yy, xx, (h, w), hc, wc)
+        return
+    for i in range(0, t, chunk):
+        ft = torch.fft.rfft2(frames[i : i + chunk])
+        small[i : i + chunk] = _crop_rfft(ft, h, hc, wc)
+        del ft
+
+
+#: a complex matrix product runs this many times more flops per second than an FFT (choice of the defect update)
+_SPARSE_DFT_ADVANTAGE = 2.0

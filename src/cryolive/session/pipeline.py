@@ -265,6 +265,53 @@ def process_exposure(path: str | os.PathLike, settings: Settings, out_dir: str |
     return outcome
 
 
+def read_and_align_movie(movie, gain: np.ndarray | None, settings: Settings, dose_per_frame: float,
+                         fns: StageFunctions, device, overlap: bool = True):
+    """Decode an opened movie, apply the gain, replace defect pixels and align it → ``(motion, defect_mask,
+    decode_seconds)`` (``defect_mask``: ``(h, w)`` bool, the pixels replaced).
+
+    Defects: the hot pixels that ``fns.detect_hot_pixels`` finds on the gain-corrected sum of all frames, plus
+    the pixels where the gain is 0 (defects in a Falcon ``.gain``); they are replaced as
+    ``preprocess.motion.correct_defects`` does. ``overlap=True`` (cryolive's own ``align_movie`` and
+    ``correct_defects`` only): the movie is decoded and gain-corrected a few frames at a time on background
+    threads while the alignment transforms the frames already read, and the defects are corrected once the sum
+    is known (``align_movie(defects=...)``, the same result); ``decode_seconds`` is then 0 (it is part of the
+    alignment's time). ``overlap=False``: the whole movie is decoded first, and ``fns.correct_defects`` and
+    ``fns.align_movie`` are called on the stack ``(t, h, w)`` on ``device``.
+    """
+    import torch
+
+    from ..io.movies import GainCorrectedMovie
+
+    optics = settings.optics
+    gain_defects = None
+    if gain is not None and not gain.all():
+        gain_defects = torch.from_numpy(gain == 0)  # (h, w) bool
+
+    def defects(frames_sum):
+        mask = fns.detect_hot_pixels(frames_sum)  # (h, w) bool
+        return mask if gain_defects is None else mask | gain_defects.to(mask.device)
+
+    if overlap:
+        source = movie if gain is None else GainCorrectedMovie(movie, gain)
+        motion = fns.align_movie(source, optics.pixel_size_angstrom, dose_per_frame, optics.voltage_kv,
+                                 settings.motion, device=device, defects=defects)
+        return motion, motion.defect_mask, 0.0
+    t0 = time.perf_counter()
+    frames = movie.read_all()  # (t, h, w) float32
+    if gain is not None:
+        frames *= gain[None]
+    t_decode = time.perf_counter() - t0
+    frames_t = torch.from_numpy(frames).to(device)  # (t, h, w)
+    del frames
+    hot = defects(frames_t.sum(0))  # (h, w) bool
+    if bool(hot.any()):
+        frames_t = fns.correct_defects(frames_t, hot)
+    motion = fns.align_movie(frames_t, optics.pixel_size_angstrom, dose_per_frame, optics.voltage_kv,
+                             settings.motion)
+    return motion, hot, t_decode
+
+
 def _tag(stage: str):
     """Context manager tagging any exception raised inside with the stage it came from."""
 
@@ -308,22 +355,18 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
     gain = None
     if settings.gain_path:
         gain = _cached_gain(settings.gain_path, settings.gain_flip_y, tuple(movie.shape[1:]))
-    frames = movie.read_all()  # (t, h, w) float32
-    if gain is not None:
-        frames *= gain[None]
     t_read = time.perf_counter() - t0
 
-    # ---------------------------------------------------------------- hot pixels, motion
+    # ---------------------------------------------------------------- decoding, hot pixels, motion
     with _tag("motion"):
         t0 = time.perf_counter()
-        frames_t = torch.from_numpy(frames).to(device)  # (t, h, w)
-        del frames
-        hot = fns.detect_hot_pixels(frames_t.sum(0))  # (h, w) bool
-        n_hot = int(hot.sum())
-        if n_hot:
-            frames_t = fns.correct_defects(frames_t, hot)
-        motion = fns.align_movie(frames_t, px, dose_per_frame, optics.voltage_kv, settings.motion)
-        del frames_t
+        # cryolive's own alignment decodes the movie while it transforms the frames already read; injected
+        # functions get the decoded stack
+        overlap = stages.align_movie is None and stages.correct_defects is None
+        motion, defect_mask, t_decode = read_and_align_movie(movie, gain, settings, dose_per_frame, fns, device,
+                                                             overlap=overlap)
+        n_hot = int(defect_mask.sum())
+        t_read += t_decode
         shifts = _np(motion.shifts_yx_px).astype(np.float64)  # (t, 2) (y, x)
         micrograph = motion.micrograph
         micrograph_nodw = motion.micrograph_nodw if motion.micrograph_nodw is not None else motion.micrograph
@@ -353,7 +396,10 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
             write_mrc(paths["micrograph_nodw"], micrograph_nodw, px)
             outputs["micrograph_nodw"] = _rel(paths["micrograph_nodw"], out)
         metrics = {
-            "seconds": time.perf_counter() - t0, "read_seconds": t_read, "n_frames": int(t),
+            # seconds: decoding (overlapped with the alignment unless decode_overlapped is False), hot pixels,
+            # alignment, sums and outputs; read_seconds: opening the movie and the gain (+ decoding if not overlapped)
+            "seconds": time.perf_counter() - t0 - t_decode, "read_seconds": t_read, "decode_overlapped": overlap,
+            "n_frames": int(t),
             "frame_shape": [int(h), int(w)], "n_hot_pixels": n_hot,
             "accum_motion_total": _to_float(getattr(motion, "accum_motion_total", None)),
             "accum_motion_early": _to_float(getattr(motion, "accum_motion_early", None)),
