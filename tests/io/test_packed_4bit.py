@@ -59,7 +59,8 @@ def _write_tiff4(path, frames, lzw):
         struct.pack_into("<I", out, next_ifd_at, len(out))
         out += struct.pack("<H", len(tags))
         for tag, typ, val in tags:
-            out += struct.pack("<HHI", tag, typ, 1) + (struct.pack("<HH", val, 0) if typ == 3 else struct.pack("<I", val))
+            value = struct.pack("<HH", val, 0) if typ == 3 else struct.pack("<I", val)
+            out += struct.pack("<HHI", tag, typ, 1) + value
         next_ifd_at = len(out)
         out += struct.pack("<I", 0)
     path.write_bytes(bytes(out))

@@ -139,7 +139,8 @@ def test_options_mirror_relion_gain_rot_and_flip(tmp_path, gain_rot, gain_flip):
     s = Settings(gain_path=str(path), gain_rotate=(360 - 90 * gain_rot) % 360,
                  gain_flip={0: "none", 1: "y", 2: "x"}[gain_flip])
     rotate, flip_y = s.gain_orientation
-    np.testing.assert_array_equal(read_gain(path, flip_y=flip_y, rotate=rotate), _relion_turn(stored, gain_rot, gain_flip))
+    np.testing.assert_array_equal(read_gain(path, flip_y=flip_y, rotate=rotate),
+                                  _relion_turn(stored, gain_rot, gain_flip))
     if gain_flip < 2:  # the canonical terms of a rotate + flip-Y orientation round-trip to RELION's
         assert orientation_options(rotate, flip_y).endswith(f"--gain_rot {gain_rot} --gain_flip {gain_flip})")
 

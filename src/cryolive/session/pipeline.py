@@ -121,6 +121,9 @@ def stage_hashes(settings: Settings) -> dict[str, str]:
     """The settings hash of each stage; each includes the hash of the stage before it."""
     h_motion = settings_hash(settings.optics, settings.dose_per_frame, settings.gain_path, settings.gain_flip_y,
                              settings.motion, settings.eer)
+    prep = settings.frame_preparation()  # gain rotation/flip, defect file, binning: only when set (old hashes kept)
+    if prep:
+        h_motion = settings_hash(h_motion, prep)
     h_ctf = settings_hash(h_motion, settings.ctf)
     h_pick = settings_hash(h_ctf, settings.picking)
     h_extract = settings_hash(h_pick, settings.extraction)
@@ -172,21 +175,64 @@ def output_paths(out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
     }
 
 
-def _cached_gain(path: str, flip_y: bool, movie_shape: tuple[int, int]) -> np.ndarray:
-    """The gain reference, read once per worker process (re-read if the file changes). Do not modify it."""
+def _cached_gain(path: str, flip_y: bool, movie_shape: tuple[int, int], rotate: int = 0) -> np.ndarray:
+    """The gain reference, read once per worker process (re-read if the file changes). Do not modify it.
+    ``rotate`` (counter-clockwise degrees) then ``flip_y``: ``Settings.gain_orientation``."""
     try:
         st = os.stat(path)
     except OSError:
-        return read_gain(path, flip_y=flip_y, movie_shape=movie_shape)  # raises MovieError with the reason
-    key = (str(path), bool(flip_y), tuple(movie_shape), st.st_size, st.st_mtime_ns)
+        return read_gain(path, flip_y=flip_y, rotate=rotate, movie_shape=movie_shape)  # raises MovieError
+    key = (str(path), bool(flip_y), int(rotate), tuple(movie_shape), st.st_size, st.st_mtime_ns)
     if _GAIN_CACHE.get("key") != key:
         _GAIN_CACHE.clear()
-        _GAIN_CACHE["gain"] = read_gain(path, flip_y=flip_y, movie_shape=movie_shape)
+        _GAIN_CACHE["gain"] = read_gain(path, flip_y=flip_y, rotate=rotate, movie_shape=movie_shape)
         _GAIN_CACHE["key"] = key
     return _GAIN_CACHE["gain"]
 
 
 _GAIN_CACHE: dict = {}
+
+
+def _cached_defects(path: str, frame_shape: tuple[int, int]) -> np.ndarray:
+    """The defect file as a bool mask ``(h, w)`` of the movie frames (``io.defects.read_defect_map``), read once
+    per worker process (again if the file changes). Do not modify it. Raises ``MovieError`` with the reason."""
+    from ..io.defects import read_defect_map
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return read_defect_map(path, frame_shape)
+    key = (str(path), tuple(frame_shape), st.st_size, st.st_mtime_ns)
+    if _DEFECT_CACHE.get("key") != key:
+        _DEFECT_CACHE.clear()
+        _DEFECT_CACHE["mask"] = read_defect_map(path, frame_shape)
+        _DEFECT_CACHE["key"] = key
+    return _DEFECT_CACHE["mask"]
+
+
+_DEFECT_CACHE: dict = {}
+
+
+def prepare_movie(movie, gain: np.ndarray | None, defect_mask: np.ndarray | None, settings: Settings,
+                  fns: StageFunctions):
+    """The movie as the alignment reads it, and the gain left for :func:`read_and_align_movie` → ``(movie, gain)``.
+
+    Without a defect file and without binning: the movie and the gain unchanged (the gain is applied per chunk
+    and its zeros are corrected with the hot pixels). Otherwise an :class:`io.prepared.PreparedMovie` that, per
+    chunk on the decoding thread, multiplies by the gain, replaces the defect file's pixels and the gain's zeros
+    (``fns.correct_defects``), then Fourier-bins by ``settings.movie_bin`` (the gain and the defects are at the
+    movie's own, e.g. super-resolution, sampling); the gain returned is then None. Hot pixels are found later on
+    the sum of the prepared frames.
+    """
+    b = int(settings.movie_bin)
+    if defect_mask is None and b == 1:
+        return movie, gain
+    from ..io.prepared import PreparedMovie
+
+    static = None if defect_mask is None else np.asarray(defect_mask, dtype=bool)
+    if gain is not None and not gain.all():
+        static = (gain == 0) if static is None else (static | (gain == 0))
+    return PreparedMovie(movie, gain=gain, defect_mask=static, correct=fns.correct_defects, bin_factor=b), None
 
 
 def _to_float(x) -> float:
@@ -203,18 +249,19 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _local_motion_blocks(local, general: dict) -> dict:
+def _local_motion_blocks(local, general: dict, scale: float = 1.0) -> dict:
     """The motion STAR's local-motion tables (see :class:`cryolive.preprocess.motion_patch.LocalMotionModel`).
 
     ``local_shift`` (RELION's columns): per frame and patch centre, the model's residual displacement to add to
-    the global shift, px. ``local_motion_model``: cryolive's model, one row per time power and control point
+    the global shift, px of the movie (``scale``: the binning factor; RELION's convention). ``local_motion_model``:
+    cryolive's model (in micrograph px), one row per time power and control point
     (``L_t = Σ_j z_t^j Σ_ab CatmullRom_ab(y, x) C_jab``, ``z_t = (frame − 1)/(T − 1)``, control points corner to
     corner). ``general`` gains the model's shape; rlnMotionModelVersion stays 0 (not RELION's polynomial).
     """
     import pandas as pd
 
-    centres = _np(local.patch_centres_yx_px).astype(np.float64)  # (p, 2)
-    res = _np(local.shifts_at(local.patch_centres_yx_px)).astype(np.float64)  # (t, p, 2)
+    centres = _np(local.patch_centres_yx_px).astype(np.float64) * scale  # (p, 2)
+    res = _np(local.shifts_at(local.patch_centres_yx_px)).astype(np.float64) * scale  # (t, p, 2)
     t, p = res.shape[:2]
     shift_df = pd.DataFrame({
         "rlnMicrographFrameNumber": np.repeat(np.arange(1, t + 1), p),
@@ -294,7 +341,7 @@ def read_and_align_movie(movie, gain: np.ndarray | None, settings: Settings, dos
 
     if overlap:
         source = movie if gain is None else GainCorrectedMovie(movie, gain)
-        motion = fns.align_movie(source, optics.pixel_size_angstrom, dose_per_frame, optics.voltage_kv,
+        motion = fns.align_movie(source, settings.micrograph_pixel_size_angstrom, dose_per_frame, optics.voltage_kv,
                                  settings.motion, device=device, defects=defects)
         return motion, motion.defect_mask, 0.0
     t0 = time.perf_counter()
@@ -307,7 +354,7 @@ def read_and_align_movie(movie, gain: np.ndarray | None, settings: Settings, dos
     hot = defects(frames_t.sum(0))  # (h, w) bool
     if bool(hot.any()):
         frames_t = fns.correct_defects(frames_t, hot)
-    motion = fns.align_movie(frames_t, optics.pixel_size_angstrom, dose_per_frame, optics.voltage_kv,
+    motion = fns.align_movie(frames_t, settings.micrograph_pixel_size_angstrom, dose_per_frame, optics.voltage_kv,
                              settings.motion)
     return motion, hot, t_decode
 
@@ -343,7 +390,7 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
     paths = output_paths(out, stem)
     device = resolve_device(settings.device)
     optics = settings.optics
-    px = optics.pixel_size_angstrom
+    px = settings.micrograph_pixel_size_angstrom  # the movie's pixel size × settings.movie_bin
     results: list[StageOutcome] = []
 
     # ---------------------------------------------------------------- read, gain, hot pixels
@@ -354,7 +401,10 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
     dose_per_frame = _dose_per_frame(movie, settings)
     gain = None
     if settings.gain_path:
-        gain = _cached_gain(settings.gain_path, settings.gain_flip_y, tuple(movie.shape[1:]))
+        rotate, flip_y = settings.gain_orientation
+        gain = _cached_gain(settings.gain_path, flip_y, tuple(movie.shape[1:]), rotate)
+    file_defects = _cached_defects(settings.defect_path, tuple(movie.shape[1:])) if settings.defect_path else None
+    source, source_gain = prepare_movie(movie, gain, file_defects, settings, fns)  # binned: (t, h/b, w/b)
     t_read = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- decoding, hot pixels, motion
@@ -363,32 +413,37 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
         # cryolive's own alignment decodes the movie while it transforms the frames already read; injected
         # functions get the decoded stack
         overlap = stages.align_movie is None and stages.correct_defects is None
-        motion, defect_mask, t_decode = read_and_align_movie(movie, gain, settings, dose_per_frame, fns, device,
-                                                             overlap=overlap)
+        motion, defect_mask, t_decode = read_and_align_movie(source, source_gain, settings, dose_per_frame, fns,
+                                                             device, overlap=overlap)
         n_hot = int(defect_mask.sum())
         t_read += t_decode
         shifts = _np(motion.shifts_yx_px).astype(np.float64)  # (t, 2) (y, x)
         micrograph = motion.micrograph
         micrograph_nodw = motion.micrograph_nodw if motion.micrograph_nodw is not None else motion.micrograph
-        t, h, w = movie.shape
+        t, h, w = movie.shape  # the movie's own frames (before binning)
+        b = int(settings.movie_bin)
         import pandas as pd
 
+        # as RELION writes it: image size, pixel size and shifts (global and local) in the movie's own pixels;
+        # the micrographs are binned by rlnMicrographBinning
         general = {
             "rlnImageSizeX": int(w), "rlnImageSizeY": int(h), "rlnImageSizeZ": int(t),
             "rlnMicrographMovieName": str(path), "rlnMicrographGainName": settings.gain_path or "",
-            "rlnMicrographBinning": 1.0, "rlnMicrographOriginalPixelSize": float(px),
+            "rlnMicrographBinning": float(b), "rlnMicrographOriginalPixelSize": float(optics.pixel_size_angstrom),
             "rlnMicrographDoseRate": dose_per_frame, "rlnMicrographPreExposure": 0.0,
             "rlnVoltage": float(optics.voltage_kv), "rlnMicrographStartFrame": 1, "rlnMotionModelVersion": 0,
         }
         shift_df = pd.DataFrame({
             "rlnMicrographFrameNumber": np.arange(1, t + 1),
-            "rlnMicrographShiftX": shifts[:, 1],
-            "rlnMicrographShiftY": shifts[:, 0],
+            "rlnMicrographShiftX": shifts[:, 1] * b,
+            "rlnMicrographShiftY": shifts[:, 0] * b,
         })
+        if settings.defect_path:
+            general["rlnMicrographDefectFile"] = settings.defect_path
         blocks = {"general": general, "global_shift": shift_df}
         local = getattr(motion, "local_motion", None)
         if local is not None:
-            blocks.update(_local_motion_blocks(local, general))
+            blocks.update(_local_motion_blocks(local, general, scale=b))
         write_star(paths["motion_star"], blocks)
         write_mrc(paths["micrograph"], micrograph, px)
         outputs = {"motion_star": _rel(paths["motion_star"], out), "micrograph": _rel(paths["micrograph"], out)}
@@ -400,7 +455,8 @@ def _run_chain(path: Path, stem: str, settings: Settings, out: Path, stages: Sta
             # alignment, sums and outputs; read_seconds: opening the movie and the gain (+ decoding if not overlapped)
             "seconds": time.perf_counter() - t0 - t_decode, "read_seconds": t_read, "decode_overlapped": overlap,
             "n_frames": int(t),
-            "frame_shape": [int(h), int(w)], "n_hot_pixels": n_hot,
+            "frame_shape": [int(h), int(w)], "n_hot_pixels": n_hot, "movie_bin": b,
+            "n_defect_file_pixels": int(file_defects.sum()) if file_defects is not None else 0,
             "accum_motion_total": _to_float(getattr(motion, "accum_motion_total", None)),
             "accum_motion_early": _to_float(getattr(motion, "accum_motion_early", None)),
             "accum_motion_late": _to_float(getattr(motion, "accum_motion_late", None)),
@@ -558,7 +614,7 @@ def _box_sizes(fns: StageFunctions, settings: Settings) -> tuple[int, int]:
     if ext.box_size_px is not None and ext.output_box_size_px is not None:
         return int(ext.box_size_px), int(ext.output_box_size_px)
     box, out_box = fns.default_box_sizes(settings.picking.particle_diameter_angstrom,
-                                         settings.optics.pixel_size_angstrom)
+                                         settings.micrograph_pixel_size_angstrom)
     box = int(ext.box_size_px or box)
     out_box = int(ext.output_box_size_px or min(out_box, box))
     return box, out_box
@@ -577,7 +633,8 @@ def _ctf_landscape(fns: StageFunctions, micrograph_nodw, ctf, settings: Settings
         return None, metrics
     optics = settings.optics
     try:
-        land = fns.estimate_ctf_patches(micrograph_nodw, optics.pixel_size_angstrom, optics.voltage_kv, optics.cs_mm,
+        land = fns.estimate_ctf_patches(micrograph_nodw, settings.micrograph_pixel_size_angstrom, optics.voltage_kv,
+                                        optics.cs_mm,
                                         optics.amplitude_contrast, settings.ctf, global_result=ctf,
                                         n_patches=tuple(settings.ctf.landscape_patches),
                                         search_range_angstrom=settings.ctf.landscape_search_range_angstrom)
@@ -615,13 +672,13 @@ def _write_ctf_diagnostics(ctf, metrics: dict, settings: Settings, paths: dict, 
                "rlnCtfMaxResolution": metrics["max_resolution_angstrom"],
                "rlnCtfFigureOfMerit": metrics["figure_of_merit"],
                "rlnPhaseShift": _to_float(getattr(ctf, "phase_shift_deg", 0.0)),
-               "rlnMicrographPixelSize": float(optics.pixel_size_angstrom)}
+               "rlnMicrographPixelSize": float(settings.micrograph_pixel_size_angstrom)}
     write_star(paths["ctf_star"], {"ctf": summary, "ctf_profile": profile})
     outputs = {"ctf_star": _rel(paths["ctf_star"], out)}
     if getattr(ctf, "power_spectrum", None) is not None:
-        diag = _np(ctf_diagnostic_image_2d(ctf, optics.pixel_size_angstrom, optics.voltage_kv, optics.cs_mm,
-                                           optics.amplitude_contrast, settings.ctf)).astype(np.float32)
-        write_mrc(paths["ctf_diag_mrc"], diag, float(optics.pixel_size_angstrom))
+        diag = _np(ctf_diagnostic_image_2d(ctf, settings.micrograph_pixel_size_angstrom, optics.voltage_kv,
+                                           optics.cs_mm, optics.amplitude_contrast, settings.ctf)).astype(np.float32)
+        write_mrc(paths["ctf_diag_mrc"], diag, float(settings.micrograph_pixel_size_angstrom))
         import imagecodecs
 
         png = imagecodecs.png_encode(np.clip((diag + 3.0) * (255.0 / 6.0), 0, 255).astype(np.uint8))
