@@ -276,7 +276,7 @@ class SessionData:
         def make():
             data, _ = self._read_micrograph(exposure_id)
             small, f = bin_image(data, max_size)
-            px = float((self.settings().get("optics") or {}).get("pixel_size_angstrom", 1.0))
+            px = _micrograph_pixel_size(self.settings())
             small = _lowpass(small, px * f, 20.0)
             return encode_png(to_uint8(small, 0.5, 99.5))
 
@@ -290,9 +290,11 @@ class SessionData:
         motion = self._stage(exposure_id, "motion")
         if motion is None:
             raise NotFound("no micrograph for this exposure")
-        h, w = (motion["metrics"].get("frame_shape") or [0, 0])[:2]
+        b = int(motion["metrics"].get("movie_bin", 1) or 1)  # frame_shape is the movie's, before binning
+        h, w = ((motion["metrics"].get("frame_shape") or [0, 0])[:2])
+        h, w = int(h) // b, int(w) // b
         settings = self.settings()
-        px = float((settings.get("optics") or {}).get("pixel_size_angstrom", 1.0))
+        px = _micrograph_pixel_size(settings)
         diameter = float((settings.get("picking") or {}).get("particle_diameter_angstrom", 150.0))
         out = {"height": int(h), "width": int(w), "radius_px": 0.5 * diameter / px, "x": [], "y": [], "score": []}
         star = self._inside((ext or {}).get("outputs", {}).get("particles_star")) if ext else None
@@ -468,6 +470,12 @@ class SessionData:
 
 
 
+def _micrograph_pixel_size(settings: dict) -> float:
+    """Pixel size of the micrographs, Å, from the session's settings (a dict): the movie's × ``movie_bin``."""
+    px = float((settings.get("optics") or {}).get("pixel_size_angstrom", 1.0))
+    return px * int(settings.get("movie_bin", 1) or 1)
+
+
 def _lowpass(img: np.ndarray, pixel_size_angstrom: float, resolution_angstrom: float) -> np.ndarray:
     """Gaussian low-pass to about ``resolution_angstrom`` (display only: particles visible at a glance)."""
     h, w = img.shape
@@ -522,7 +530,7 @@ def _power_spectrum_figure(data: np.ndarray, ctf: dict, settings: dict, tile: in
     background = np.convolve(padded, np.ones(k) / k, mode="valid")[: nr]
     flat = ps - np.interp(r.clip(0, nr - 1), np.arange(nr), background)
     optics = settings.get("optics") or {}
-    px = float(optics.get("pixel_size_angstrom", 1.0))
+    px = _micrograph_pixel_size(settings)
     du, dv, da = _f(ctf.get("defocus_u")), _f(ctf.get("defocus_v")), _f(ctf.get("defocus_angle_deg"))
     model = np.zeros_like(ps)
     if all(math.isfinite(v) for v in (du, dv, da)):

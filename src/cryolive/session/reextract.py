@@ -124,7 +124,7 @@ def reextract_exposure(out: str | os.PathLike, exposure: int | str, coords_yx_px
         micrograph, _ = read_mrc(mic_path)
         dev = resolve_device(device)
         micrograph = torch.from_numpy(np.ascontiguousarray(micrograph, dtype=np.float32)).to(dev)
-        px = settings.optics.pixel_size_angstrom
+        px = settings.micrograph_pixel_size_angstrom
         box, out_box = _box_sizes(fns, settings)
         if len(coords):
             ext = fns.extract_particles(micrograph, torch.as_tensor(coords, dtype=torch.float32, device=dev), box,

@@ -449,7 +449,9 @@ def optics_table(settings: Settings, image_pixel_size: float | None = None, imag
     for g in range(1, int(n_groups) + 1):
         row = {
             "rlnOpticsGroup": g, "rlnOpticsGroupName": f"opticsGroup{g}",
-            "rlnMicrographOriginalPixelSize": o.pixel_size_angstrom, "rlnMicrographPixelSize": o.pixel_size_angstrom,
+            # the movie's pixel size, and the micrographs' (× Settings.movie_bin), as RELION's motion correction
+            "rlnMicrographOriginalPixelSize": o.pixel_size_angstrom,
+            "rlnMicrographPixelSize": settings.micrograph_pixel_size_angstrom,
             "rlnVoltage": o.voltage_kv, "rlnSphericalAberration": o.cs_mm, "rlnAmplitudeContrast": o.amplitude_contrast,
         }
         if image_pixel_size is not None:
