@@ -76,7 +76,7 @@ def test_process_cli_end_to_end(dataset, tmp_path):
     assert failed.name == "cut" and failed.error.startswith("cut.tif: ")
     assert "truncated" in failed.error or "corrupt TIFF" in failed.error
     timings = store.stage_results()
-    assert {r["stage"] for r in timings} == {"motion", "ctf", "picking", "extraction"}
+    assert {r["stage"] for r in timings} == {"motion", "ctf", "picking", "extraction", "metadata"}
     assert all(r["metrics"]["seconds"] > 0 for r in timings)
     store.close()
 

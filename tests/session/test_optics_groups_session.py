@@ -134,3 +134,20 @@ def test_streaming_exposures_wait_for_their_group_then_keep_it(tmp_path, movie_w
     assert waiting[0] == 1 and waiting[-1] == 0  # the first exposures wait (left out), then all are listed
     _, final = _groups(out)
     assert len(final) == 18 and len({(g, truth[m]) for m, g in final.items()}) == 9
+
+
+def test_unreadable_metadata_is_reported_and_the_exposure_still_done(tmp_path, movie_writer, fake_stages,
+                                                                      small_settings, caplog):
+    movies, _ = write_epu_session(tmp_path / "epu", movie_writer, n_stage=1)
+    bad = movies[0].with_name(movies[0].name.replace("_fractions.mrc", ".xml"))
+    bad.write_text("<MicroscopeImage><unclosed>")
+    settings = small_settings.model_copy(update={"optics_groups": OpticsGroupSettings(n_groups=None)})
+    with caplog.at_level(logging.WARNING, logger="cryolive.session"):
+        with Session(tmp_path / "out", settings, stages=fake_stages) as s:
+            status = s.process(movies[:3])
+            report = s.store.get_value(REPORT_KEY)
+    assert status.n_done == 3 and status.n_failed == 0
+    assert report["errors"]["count"] == 1 and bad.name in report["errors"]["first"]
+    assert any("metadata of" in r.getMessage() and "not a readable EPU XML" in r.getMessage() for r in caplog.records)
+    optics, groups = _groups(tmp_path / "out")
+    assert len(groups) == 3  # the one without metadata has a group too ("no beam shift")

@@ -49,6 +49,8 @@ def read_exposure_metadata(path: str, settings: Settings, n_frames: int | None =
             md = find_metadata(path)
         except (MetadataError, OSError) as exc:
             error = str(exc)
+        except Exception as exc:  # metadata never stops a session: reported, and the exposure has none
+            error = f"{Path(path).name}: metadata unreadable: {type(exc).__name__}: {exc}"
     if caught and error is None:
         error = "; ".join(str(w.message) for w in caught)
     disagreements = [d.message for d in reconcile(settings, md, n_frames=n_frames)] if md is not None else []
