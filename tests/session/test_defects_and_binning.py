@@ -162,3 +162,35 @@ def test_unusable_defect_file_or_size_is_a_clear_failure(tmp_path):
     assert not out.ok and "cannot be binned by 2 to an even size" in out.error
     with pytest.raises(MovieError, match="no such file"):
         _cached_defects(str(tmp_path / "missing.txt"), (66, 64))
+
+
+def test_cli_frame_options(tmp_path):
+    """--gain-rotate/--gain-flip/--bin/--defect-file reach Settings (checked), and a defect file that does not fit
+    the movies stops the command before any work, with the reason."""
+    import typer
+    from typer.testing import CliRunner
+
+    from cryolive.cli import _frame_options, app
+
+    base = Settings()
+    s = _frame_options(base, 90, "x", None, 2)
+    assert (s.gain_rotate, s.gain_flip, s.movie_bin, s.defect_path) == (90, "x", 2, None)
+    assert s.gain_orientation == (270, True)
+    for args, msg in (((45, "none", None, 1), "--gain-rotate must be 0, 90, 180 or 270"),
+                      ((0, "z", None, 1), "--gain-flip must be none, y or x"),
+                      ((0, "none", None, 0), "--bin must be an integer ≥ 1"),
+                      ((0, "none", tmp_path / "nope.txt", 1), "no such file")):
+        with pytest.raises(typer.BadParameter, match=msg):
+            _frame_options(base, *args)
+    with pytest.raises(typer.BadParameter, match="contradict"):
+        _frame_options(Settings(gain_flip_y=True), 0, "x", None, 1)
+    movies = tmp_path / "movies"
+    movies.mkdir()
+    _write_mrc(movies / "m.mrc", np.random.default_rng(0).poisson(2.0, size=(3, 64, 64)))
+    defect_map = tmp_path / "map.mrc"
+    with mrcfile.new(defect_map) as m:
+        m.set_data(np.zeros((32, 32), np.uint8))
+    res = CliRunner().invoke(app, ["process", str(movies), "--out", str(tmp_path / "o"), "--pixel-size", "1",
+                                   "--dose-per-frame", "1", "--defect-file", str(defect_map), "--workers", "0"])
+    assert res.exit_code == 2 and "differs from the movie frames 64×64" in res.output
+    assert not (tmp_path / "o" / "session.sqlite").exists()
