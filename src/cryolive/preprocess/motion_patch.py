@@ -28,7 +28,11 @@ Fitting (:func:`estimate_local_motion`)
    reference's own origin), a Gaussian prior on the field's size weighed against the measurement noise (so
    that noise alone gives a small field), an optional curvature penalty across the control grid, and Huber weights
    re-estimated from the residuals (iteratively reweighted, so that a patch on a contaminant or a carbon edge
-   does not pull the field).
+   does not pull the field). The local part of the field (its deviation from its area mean) is then multiplied by
+   a positive-part James–Stein factor ``κ = max(0, 1 − E₀/E)``: its energy ``E`` against the energy ``E₀`` the same
+   fit would give if the patch trajectories were noise around the global motion (noise level from the residuals,
+   correlated between overlapping patches as their squared windows overlap). Trajectories consistent with noise
+   give no local field; real deformation, far above the noise, is kept (κ ≈ 1).
 4. Steps 2–3 repeat until the model moves by less than 0.02 px anywhere, or ``max_iterations``; the first
    round searches the correlation maps (integer peak, parabolic offset), later rounds only refine the previous
    peaks by Newton steps.
@@ -96,6 +100,8 @@ class LocalMotionModel:
     patch_shifts_yx_px: ``(t, n, 2)`` the per-patch measurements (residual to the global trajectory, with the
         per-patch offset of the fit removed), px — what a plot of "patch trajectories" shows.
     n_iterations: measurement/fit rounds used.
+    shrinkage: the factor κ the local part of the fitted field was multiplied by in the last round (0: the patch
+        trajectories were consistent with noise around the global motion; ≈ 1: deformation far above the noise).
     """
 
     coefficients: torch.Tensor
@@ -104,6 +110,7 @@ class LocalMotionModel:
     patch_centres_yx_px: torch.Tensor
     patch_shifts_yx_px: torch.Tensor
     n_iterations: int = 0
+    shrinkage: float = 1.0
 
     @property
     def degree(self) -> int:
@@ -151,7 +158,7 @@ class LocalMotionModel:
             coefficients=c - mean_j[:, None, None, :], image_shape=self.image_shape, n_frames=self.n_frames,
             patch_centres_yx_px=self.patch_centres_yx_px,
             patch_shifts_yx_px=self.patch_shifts_yx_px - m[:, None, :].to(self.patch_shifts_yx_px.device),
-            n_iterations=self.n_iterations)
+            n_iterations=self.n_iterations, shrinkage=self.shrinkage)
         return m, centred
 
     def max_deviation_px(self, coords_yx_px: torch.Tensor | None = None) -> float:
@@ -178,14 +185,18 @@ def _second_difference(n: int, device) -> torch.Tensor:
 
 
 def _fit_model(meas: torch.Tensor, bt: torch.Tensor, m_space: torch.Tensor, control_grid: tuple[int, int],
-               smoothness: float, prior_px: float | None = None,
-               n_irls: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               smoothness: float, prior_px: float | None = None, n_irls: int = 6,
+               noise_corr: torch.Tensor | None = None, area_weights: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Robust fit of ``meas (t, p, 2) ≈ offset_p + Σ_{j,k} bt[t, j] m_space[p, k] C[j, k]``.
 
     bt: ``(t, J)`` time basis; m_space: ``(p, K)`` spatial basis averaged over each patch window.
     prior_px: expected RMS of the field (px): a Gaussian prior on the field, weighted against the measurement
     noise estimated from the residuals (``σ² · (J / t) / prior² · Σ_t Σ_k |L_t(control point k)|²``), so that
-    noise alone (few counts, small patches) fits a small field rather than a large one. Returns ``(C (J, K, 2), offsets (p, 2), weights (t, p))`` (float32, on meas's device).
+    noise alone (few counts, small patches) fits a small field rather than a large one. With ``area_weights (K,)``
+    (the control points' weights in the field's area mean) the local part of the fit is then shrunk by
+    :func:`_local_shrinkage` (``noise_corr (p, p)``: correlation of the patches' measurement noise). Returns
+    ``(C (J, K, 2), offsets (p, 2), weights (t, p))`` (float32, on meas's device) and κ (1 without area_weights).
     """
     t, p, _ = meas.shape
     J, K = bt.shape[1], m_space.shape[1]
@@ -218,7 +229,8 @@ def _fit_model(meas: torch.Tensor, bt: torch.Tensor, m_space: torch.Tensor, cont
     sigma2 = 0.0  # noise variance per component, from the residuals of the previous round
     for it in range(n_irls):
         aw = a * wts[:, None]
-        x = torch.linalg.solve(aw.T @ a + reg + sigma2 * prior, aw.T @ y)  # (n_cols, 2)
+        lhs = aw.T @ a + reg + sigma2 * prior
+        x = torch.linalg.solve(lhs, aw.T @ y)  # (n_cols, 2)
         res = (y - a @ x).norm(dim=-1)
         sigma2 = float(res.median() / 1.1774) ** 2  # Rayleigh median of |residual| = 1.1774 σ
         scale = 1.4826 * res.median() * 1.2 + 1e-6  # |residual| of 2D Gaussian noise: median ≈ 1.18 σ
@@ -228,8 +240,50 @@ def _fit_model(meas: torch.Tensor, bt: torch.Tensor, m_space: torch.Tensor, cont
             wts = new
             break
         wts = new
+    kappa = 1.0
+    if area_weights is not None:
+        kappa = _local_shrinkage(a, aw, lhs, x, res, b64, m64, area_weights.to(torch.float64), noise_corr)
+        c64 = x[p:].reshape(J, K, 2)
+        mean = torch.einsum("k,jkc->jc", area_weights.to(torch.float64), c64)[:, None]  # (J, 1, 2) area mean
+        c64 = (mean + kappa * (c64 - mean)).reshape(J * K, 2)
+        # offsets re-estimated for the shrunk field (weighted mean residual per patch)
+        pred = (a[:, p:] @ c64).reshape(t, p, 2)
+        w2 = wts.reshape(t, p, 1)
+        off = ((y.reshape(t, p, 2) - pred) * w2).sum(0) / w2.sum(0).clamp(min=1e-12)
+        x = torch.cat([off, c64], 0)
     c = x[p:].reshape(J, K, 2).to(torch.float32)
-    return c, x[:p].to(torch.float32), wts.reshape(t, p).to(torch.float32)
+    return c, x[:p].to(torch.float32), wts.reshape(t, p).to(torch.float32), kappa
+
+
+def _local_shrinkage(a: torch.Tensor, aw: torch.Tensor, lhs: torch.Tensor, x: torch.Tensor, res: torch.Tensor,
+                     bt: torch.Tensor, m_space: torch.Tensor, area_weights: torch.Tensor,
+                     noise_corr: torch.Tensor | None) -> float:
+    """Positive-part James–Stein factor ``κ = max(0, 1 − E₀ / E)`` for the local part of a fitted field.
+
+    ``E``: energy of the fitted field's deviation from its area mean over the patch windows,
+    ``Σ_{t,p} |L_t(p) − L̄_t|²``; ``E₀``: its expectation if the patch trajectories were noise around the global
+    motion, i.e. the same linear estimator ``x = lhs⁻¹ AᵀW y`` applied to noise of variance ``σ²`` (robust, from the
+    residuals' median, corrected for the parameters fitted) correlated between overlapping patches as
+    ``noise_corr (p, p)`` (None: independent): ``E₀ = 2 σ² tr(P lhs⁻¹ AᵀW Σ W A lhs⁻¹ Pᵀ)``. The Wiener gain of a
+    field whose energy is ``E − E₀`` above the noise: κ ≈ 0 when the field is no larger than noise alone would make
+    it, ≈ 1 when it is far larger. All float64; a: ``(t·p, p + J·K)`` design, aw: a times the IRLS weights; bt
+    ``(t, J)``, m_space ``(p, K)``, area_weights ``(K,)`` as in :func:`_fit_model`.
+    """
+    t, J = bt.shape
+    p, K = m_space.shape
+    n = a.shape[0]
+    inv = torch.linalg.inv(lhs)
+    loc = torch.einsum("tj,pk->tpjk", bt, m_space - area_weights[None, :]).reshape(n, J * K)
+    proj = torch.cat([torch.zeros(n, p, dtype=a.dtype, device=a.device), loc], 1)  # x ↦ deviation at the windows
+    energy = float((proj @ x).square().sum())
+    corr_aw = aw if noise_corr is None else torch.einsum(
+        "pq,tqn->tpn", noise_corr.to(a.dtype), aw.reshape(t, p, -1)).reshape(n, -1)
+    gain = proj @ inv  # (t·p, n_cols)
+    trace = float(((gain @ (aw.T @ corr_aw)) * gain).sum())
+    n_par = float(torch.trace(inv @ (aw.T @ a)))  # effective number of parameters fitted
+    sigma2 = float(res.median() / 1.1774) ** 2 * n / max(n - n_par, 1.0)  # Rayleigh median of |r| = 1.1774 σ
+    e0 = 2 * sigma2 * trace
+    return max(0.0, 1.0 - e0 / energy) if energy > 0 else 0.0
 
 
 def _parabolic_offset(cc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -369,6 +423,20 @@ def estimate_local_motion(
         wx = (catmull_rom_matrix(xx, kxn, w) * win_x[:, None]).sum(0) / win_x.sum()
         m_rows.append((wy[:, None] * wx[None, :]).reshape(-1))
     m_space = torch.stack(m_rows)  # (p, K)
+    # the field's mean over the whole frame as weights of the control points (they sum to 1)
+    area_weights = (catmull_rom_matrix(torch.arange(h, device=dev, dtype=torch.float32), kyn, h).mean(0)[:, None]
+                    * catmull_rom_matrix(torch.arange(w, device=dev, dtype=torch.float32), kxn, w).mean(0)[None, :]
+                    ).reshape(-1)  # (K,)
+    # shift errors of overlapping patches are correlated: a patch's shot noise enters its correlation weighted
+    # by the window squared (patch and reference both windowed), so ρ_ij = Σ w_i² w_j² / (‖w_i²‖ ‖w_j²‖)
+    prof_y = torch.zeros(n_p, hc, device=dev)
+    prof_x = torch.zeros(n_p, wc, device=dev)
+    for i, (y0, x0) in enumerate(boxes):
+        prof_y[i, y0 : y0 + ph] = win_y.square()
+        prof_x[i, x0 : x0 + pw] = win_x.square()
+    prof_y = prof_y / prof_y.norm(dim=1, keepdim=True)
+    prof_x = prof_x / prof_x.norm(dim=1, keepdim=True)
+    noise_corr = (prof_y @ prof_y.T) * (prof_x @ prof_x.T)  # (p, p)
     bt_frames = time_basis(t, time_degree, dev)  # (t, J)
     bt = avg @ bt_frames  # (g, J): a group's measurement is the mean of its frames' shifts
 
@@ -404,7 +472,8 @@ def estimate_local_motion(
             del cps
             new_meas[:, ps] = m.reshape(n_g, -1, 2) * to_full
         meas = new_meas
-        coeff, offsets, _ = _fit_model(meas, bt, m_space, control_grid, smoothness, prior_px)
+        coeff, offsets, _, kappa = _fit_model(meas, bt, m_space, control_grid, smoothness, prior_px,
+                                          noise_corr=noise_corr, area_weights=area_weights)
         new_pred = torch.einsum("tj,pk,jkc->tpc", bt, m_space, coeff)
         change = float((new_pred - pred).norm(dim=-1).max())
         pred = new_pred
@@ -417,6 +486,7 @@ def estimate_local_motion(
         patch_centres_yx_px=centres,
         patch_shifts_yx_px=(meas - offsets[None])[group_index],
         n_iterations=n_iter,
+        shrinkage=kappa,
     )
 
 
