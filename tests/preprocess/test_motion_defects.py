@@ -38,17 +38,23 @@ def test_sparse_spectrum_of_a_change_equals_its_fft(layout):
     assert float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max())
 
 
-@pytest.mark.parametrize("force_fft", [False, True], ids=["sparse-update", "transform-again"])
-def test_movie_with_defects_hook_equals_correcting_the_frames_first(tmp_path, monkeypatch, force_fft):
-    if force_fft:  # the update used when defects span many rows and columns
-        monkeypatch.setattr(motion, "_SPARSE_DFT_ADVANTAGE", 0.0)
+@pytest.fixture(scope="module")
+def movie_with_hot_pixels(tmp_path_factory):
+    """A simulated LZW TIFF movie with drift, a gain and 15 hot pixels: ``(settings, simulator, path, gain)``."""
     s = SimulationSettings(image_shape_px=(384, 448), n_frames=12, dose_per_frame=3.0, pixel_size_angstrom=1.2,
                            particles_per_micrograph=12, junk_per_micrograph=0, max_drift_angstrom=10.0,
                            local_motion_angstrom=0.0, oversampling=1, gain_variation=0.2, n_hot_pixels=15,
                            movie_format="tiff", seed=11)
     sim = MovieSimulator(s, 0)
-    path = write_movie(sim, tmp_path / sim.name)
-    gain = sim.detector.gain.numpy().astype(np.float32)
+    path = write_movie(sim, tmp_path_factory.mktemp("defects") / sim.name)
+    return s, sim, path, sim.detector.gain.numpy().astype(np.float32)
+
+
+@pytest.mark.parametrize("force_fft", [False, True], ids=["sparse-update", "transform-again"])
+def test_movie_with_defects_hook_equals_correcting_the_frames_first(movie_with_hot_pixels, monkeypatch, force_fft):
+    if force_fft:  # the update used when defects span many rows and columns
+        monkeypatch.setattr(motion, "_SPARSE_DFT_ADVANTAGE", 0.0)
+    s, sim, path, gain = movie_with_hot_pixels
     settings = MotionSettings(patch_grid=(1, 1))
 
     # the old way: decode, gain, hot pixels on the sum, correct, align the stack
@@ -74,6 +80,41 @@ def test_movie_with_defects_hook_equals_correcting_the_frames_first(tmp_path, mo
     truth = sim.truth().shifts_yx_px
     err = on_movie.shifts_yx_px - (truth - truth[0])
     assert float(err.norm(dim=-1).pow(2).mean().sqrt()) < 0.25
+
+
+@pytest.mark.parametrize("hint", ["same", "partly-wrong", "none-found"])
+def test_a_hint_of_the_defects_changes_only_the_work(movie_with_hot_pixels, monkeypatch, hint):
+    """Pixels corrected as the frames arrive (the previous movie's mask): same result whatever the hint; with
+    the right one no spectrum needs updating afterwards."""
+    s, sim, path, gain = movie_with_hot_pixels
+    settings = MotionSettings(patch_grid=(1, 1))
+    args = (s.pixel_size_angstrom, s.dose_per_frame, s.voltage_kv, settings)
+    ref = align_movie(GainCorrectedMovie(open_movie(path), gain), *args, defects=detect_hot_pixels)
+    mask = ref.defect_mask
+    if hint == "same":
+        given = mask.clone()
+    elif hint == "partly-wrong":  # 5 of the hot pixels missing, a row of good pixels in excess
+        given = mask.clone()
+        missing = torch.nonzero(mask)[:5]
+        given[missing[:, 0], missing[:, 1]] = False
+        given[200, 100:140] = True
+    else:
+        given = mask.clone()
+    updates = []
+    real = motion._sparse_crop_rfft
+    monkeypatch.setattr(motion, "_sparse_crop_rfft", lambda change, yy, *a: updates.append(len(yy)) or
+                        real(change, yy, *a))
+    defects = (lambda f: torch.zeros(f.shape, dtype=torch.bool)) if hint == "none-found" else detect_hot_pixels
+    got = align_movie(GainCorrectedMovie(open_movie(path), gain), *args, defects=defects, defects_hint=given)
+    if hint == "none-found":  # the hinted pixels are put back as decoded: as aligning without any correction
+        plain = align_movie(GainCorrectedMovie(open_movie(path), gain), *args)
+        assert updates == [int(mask.sum())] and not bool(got.defect_mask.any())
+        ref = plain
+    else:
+        assert torch.equal(got.defect_mask, mask)
+        assert updates == ([] if hint == "same" else [5 + 40])
+    assert float((got.shifts_yx_px - ref.shifts_yx_px).abs().max()) < 1e-3
+    assert float((got.micrograph - ref.micrograph).abs().max()) < 1e-4 * float(ref.micrograph.std())
 
 
 def test_no_defects_found_leaves_the_frames_alone():

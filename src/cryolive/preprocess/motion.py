@@ -241,6 +241,7 @@ def align_movie(
     max_shift_px: float | None = None,
     device: str | torch.device | None = None,
     defects: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    defects_hint: torch.Tensor | None = None,
 ) -> MotionResult:
     """Align the frames of a movie (globally, then locally by patches) and sum them (dose-weighted and plain).
 
@@ -262,6 +263,9 @@ def align_movie(
         in place and the low-frequency spectra already computed are updated exactly for the sparse change
         (a separable DFT of the changed pixels, or the spectra recomputed when that is cheaper), so the result
         equals aligning the corrected frames. The mask is returned as ``MotionResult.defect_mask``.
+    defects_hint: ``(h, w)`` bool, the defects expected (e.g. the previous movie's ``defect_mask``; opened movies
+        with ``defects`` only): these pixels are corrected as the frames arrive, so that only the difference from
+        the final mask needs the spectra updated. The result is the same with any hint.
 
     Returns a :class:`MotionResult`; the inputs are not modified.
     """
@@ -294,21 +298,35 @@ def align_movie(
         # decode ahead (threaded) while the frames already read are transformed; the frames are kept for the sum
         buf = torch.empty((t, h, w), dtype=torch.float32, device=dev)
         frame_sum = torch.zeros((h, w), dtype=torch.float32, device=dev) if defects is not None else None
+        hint = None
+        if frame_sum is not None and defects_hint is not None:
+            hint = defects_hint.to(device=dev, dtype=torch.bool)
+            hint = hint if bool(hint.any()) else None
+        if hint is not None:  # the expected defects are corrected as the frames arrive; their values kept
+            hy, hx = torch.nonzero(hint, as_tuple=True)
+            hint_values = torch.empty(t, hy.numel(), dtype=torch.float32, device=dev)  # (t, n) before correction
         for s, arr in movie.iter_chunks(max(ck_full, 4), prefetch=1):
             chunk = torch.from_numpy(arr).to(dev)
-            buf[s : s + chunk.shape[0]] = chunk
+            n = chunk.shape[0]
+            buf[s : s + n] = chunk
             if frame_sum is not None:
-                frame_sum += chunk.sum(0)
-            for i in range(0, chunk.shape[0], ck_full):
-                ft = torch.fft.rfft2(chunk[i : i + ck_full])
+                frame_sum += chunk.sum(0)  # the defects are found on the sum of the frames as decoded
+            del chunk, arr
+            if hint is not None:
+                hint_values[s : s + n] = buf[s : s + n, hy, hx]
+                _correct_defects_(buf[s : s + n], hint)
+            for i in range(0, n, ck_full):
+                ft = torch.fft.rfft2(buf[s + i : s + min(i + ck_full, n)])
                 small[s + i : s + i + ft.shape[0]] = _crop_rfft(ft, h, hc, wc)
                 del ft
-            del chunk, arr
         frames = buf
         if frame_sum is not None:
             defect_mask = defects(frame_sum).to(device=dev, dtype=torch.bool)
             del frame_sum
-            if bool(defect_mask.any()):
+            if hint is not None:
+                _update_spectra_for_defects(buf, defect_mask, small, hc, wc, ck_full,
+                                            corrected=(hint, hy, hx, hint_values))
+            elif bool(defect_mask.any()):
                 _update_spectra_for_defects(buf, defect_mask, small, hc, wc, ck_full)
     elif defects is not None:
         defect_mask = defects(frames.sum(0, dtype=torch.float32)).to(device=dev, dtype=torch.bool)
@@ -536,12 +554,30 @@ def _sparse_crop_rfft(change: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, 
 
 
 def _update_spectra_for_defects(frames: torch.Tensor, mask: torch.Tensor, small: torch.Tensor, hc: int, wc: int,
-                                chunk: int) -> None:
-    """Correct the defects of ``frames (t, h, w)`` in place and bring their cropped spectra ``small`` (computed
-    before) up to date: by the sparse DFT of the change, or by transforming the frames again when that costs
-    less (many defect rows and columns)."""
+                                chunk: int, corrected=None) -> None:
+    """Correct the defects ``mask`` of ``frames (t, h, w)`` in place and bring their cropped spectra ``small``
+    (computed before) up to date: by the sparse DFT of the change, or by transforming the frames again when that
+    costs less (many defect rows and columns).
+
+    ``corrected``: ``(hint, hy, hx, values)`` when the frames (and spectra) already had the pixels of ``hint``
+    corrected, ``values (t, n)`` being their values before; those are restored first, and only pixels whose value
+    changes in the end enter the update (none when ``hint`` equals ``mask``).
+    """
     t, h, w = frames.shape
-    yy, xx, change = _correct_defects_(frames, mask)
+    if corrected is None:
+        yy, xx, change = _correct_defects_(frames, mask)
+    else:
+        hint, hy, hx, values = corrected
+        yy, xx = torch.nonzero(mask | hint, as_tuple=True)
+        before = frames[:, yy, xx]  # (t, n) as transformed
+        frames[:, hy, hx] = values
+        if bool(mask.any()):
+            _correct_defects_(frames, mask)
+        change = frames[:, yy, xx] - before
+        moved = (change != 0).any(0)
+        yy, xx, change = yy[moved], xx[moved], change[:, moved]
+        if yy.numel() == 0:
+            return
     m = min(int(torch.unique(yy).numel()), int(torch.unique(xx).numel()))
     sparse_flops = 8.0 * hc * (wc // 2 + 1) * m  # per frame: one complex matrix product over m rows/columns
     fft_flops = 2.5 * h * w * math.log2(h * w)  # per frame: a real 2D FFT

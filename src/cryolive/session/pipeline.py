@@ -211,6 +211,10 @@ def _cached_defects(path: str, frame_shape: tuple[int, int]) -> np.ndarray:
 
 
 _DEFECT_CACHE: dict = {}
+#: this worker's last defect mask per frame shape: a detector's hot pixels mostly persist from movie to movie, so
+#: the next movie has them corrected as its frames are decoded (align_movie's defects_hint; the result does not
+#: depend on it, only the work left once the movie's own mask is known)
+_DEFECT_HINT: dict = {}
 
 
 def prepare_movie(movie, gain: np.ndarray | None, defect_mask: np.ndarray | None, settings: Settings,
@@ -322,8 +326,9 @@ def read_and_align_movie(movie, gain: np.ndarray | None, settings: Settings, dos
     ``preprocess.motion.correct_defects`` does. ``overlap=True`` (cryolive's own ``align_movie`` and
     ``correct_defects`` only): the movie is decoded and gain-corrected a few frames at a time on background
     threads while the alignment transforms the frames already read, and the defects are corrected once the sum
-    is known (``align_movie(defects=...)``, the same result); ``decode_seconds`` is then 0 (it is part of the
-    alignment's time). ``overlap=False``: the whole movie is decoded first, and ``fns.correct_defects`` and
+    is known (``align_movie(defects=...)``, the same result; the previous movie's mask, corrected as the frames
+    arrive, leaves only the difference to update); ``decode_seconds`` is then 0 (it is part of the alignment's
+    time). ``overlap=False``: the whole movie is decoded first, and ``fns.correct_defects`` and
     ``fns.align_movie`` are called on the stack ``(t, h, w)`` on ``device``.
     """
     import torch
@@ -343,8 +348,12 @@ def read_and_align_movie(movie, gain: np.ndarray | None, settings: Settings, dos
 
     if overlap:
         source = movie if gain is None else GainCorrectedMovie(movie, gain)
+        shape = tuple(source.shape[1:])
         motion = fns.align_movie(source, settings.micrograph_pixel_size_angstrom, dose_per_frame, optics.voltage_kv,
-                                 settings.motion, device=device, defects=defects)
+                                 settings.motion, device=device, defects=defects,
+                                 defects_hint=_DEFECT_HINT.get(shape))
+        _DEFECT_HINT.clear()
+        _DEFECT_HINT[shape] = motion.defect_mask
         return motion, motion.defect_mask, 0.0
     t0 = time.perf_counter()
     frames = movie.read_all()  # (t, h, w) float32
