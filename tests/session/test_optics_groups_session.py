@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 
 from cryolive.config import OpticsGroupSettings
+from cryolive.io.metadata import read_epu_xml
 from cryolive.io.star import read_star
 from cryolive.session.acquisition import OPTICS_GROUPS_KEY, REPORT_KEY
 from cryolive.session.session import Session
@@ -96,10 +98,26 @@ def test_one_optics_group_by_default_even_with_beam_shifts(tmp_path, movie_write
     optics, groups = _groups(tmp_path / "out")
     assert optics["rlnOpticsGroup"].tolist() == [1] and set(groups.values()) == {1}
     assert md["source"] == "epu" and md["pixel_size_angstrom"] == 2.1 and len(md["beam_shift"]) == 2
+    # the metadata's own columns in exposures.star: grid square, foil hole, beam shift (as in each XML)
+    mics = read_star(tmp_path / "out" / "exposures.star")["micrographs"]
+    assert (mics["cryoliveGridSquare"].astype(str) == "55").all()
+    for _, row in mics.iterrows():
+        stem = row["rlnMicrographName"].split("/")[-1][: -len(".mrc")]
+        xml = read_epu_xml(tmp_path / "epu" / "GridSquare_55" / "Data" / (stem.replace("_fractions", "") + ".xml"))
+        assert (row["cryoliveBeamShiftX"], row["cryoliveBeamShiftY"]) == pytest.approx(xml.beam_shift, rel=1e-4)
+        assert stem.startswith(f"FoilHole_{row['cryoliveFoilHole']}_")
+    assert mics["cryoliveTargetDefocusAngstrom"].isna().all()  # not in these XMLs
+
+
+def test_no_metadata_no_metadata_columns(tmp_path, movie_writer, fake_stages, small_settings):
+    movie_writer(tmp_path / "a.mrc")
+    with Session(tmp_path / "out", small_settings, stages=fake_stages) as s:
+        s.process([tmp_path / "a.mrc"])
+    mics = read_star(tmp_path / "out" / "exposures.star")["micrographs"]
+    assert len(mics) == 1 and not any(c.startswith(("cryoliveBeamShift", "cryoliveGridSquare")) for c in mics.columns)
 
 
 def test_optics_groups_option(tmp_path):
-    import pytest
     import typer
     from typer.testing import CliRunner
 

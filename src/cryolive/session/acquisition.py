@@ -172,3 +172,43 @@ class AcquisitionStage:
             log.warning("optics groups: %s", msg)
         self._n_warned = len(self.grouper.warnings)
         self.store.set_value(OPTICS_GROUPS_KEY, self.grouper.state_dict())
+
+
+# exposures.star columns from the acquisition metadata (only written when some exposure has metadata)
+METADATA_STAR_COLUMNS = {
+    "cryoliveGridSquare": "grid_square", "cryoliveFoilHole": "foil_hole",
+    "cryoliveBeamShiftX": ("shift", 0), "cryoliveBeamShiftY": ("shift", 1),
+    "cryoliveTargetDefocusAngstrom": "defocus_target_angstrom", "cryoliveMetadataStageTiltDeg": "stage_tilt_deg",
+    "cryoliveExposureTimeSeconds": "exposure_time_s", "cryoliveMetadataTotalDose": "total_dose",
+}
+
+
+def metadata_star_columns(store, exposure_ids) -> dict[str, list] | None:
+    """exposures.star columns of the metadata of ``exposure_ids`` (in that order), or None when none has any.
+
+    ``cryoliveGridSquare`` / ``cryoliveFoilHole`` (EPU ids, "None" when unknown), ``cryoliveBeamShiftX/Y`` (the beam
+    shift grouped on: EPU BeamShift, FEI Shift X/Y or SerialEM ImageShift, their units; 8 significant digits),
+    ``cryoliveTargetDefocusAngstrom`` (positive underfocus), ``cryoliveMetadataStageTiltDeg`` (the stage's alpha,
+    not the tilt fitted from the CTF), ``cryoliveExposureTimeSeconds``, ``cryoliveMetadataTotalDose`` (e/Å²);
+    NaN where unknown."""
+    by_id = {}
+    for r in store.stage_results(STAGE):
+        md = r["metrics"].get("metadata")
+        if md:
+            by_id[int(r["exposure_id"])] = md
+    if not by_id:
+        return None
+    nan = float("nan")
+    cols: dict[str, list] = {c: [] for c in METADATA_STAR_COLUMNS}
+    for eid in exposure_ids:
+        md = by_id.get(int(eid), {})
+        shift = _beam_shift(md)
+        for col, key in METADATA_STAR_COLUMNS.items():
+            if isinstance(key, tuple):  # text, 8 significant digits (shifts can be ~1e-3: %.6f is too few)
+                cols[col].append(f"{float(shift[key[1]]):.8g}" if shift else "<NA>")
+            elif key in ("grid_square", "foil_hole"):
+                cols[col].append(str(md.get(key)) if md.get(key) else "None")
+            else:
+                v = md.get(key)
+                cols[col].append(float(v) if v is not None else nan)
+    return cols

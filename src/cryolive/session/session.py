@@ -495,7 +495,10 @@ def write_exposures_star(out: Path, store: SessionStore, settings: Settings, sum
 
     summary = curate(store, settings) if summary is None else summary
     df, n_groups = _with_optics_groups(exposures_star_frame(summary.table, summary.decision), store, settings)
-    df = df[EXPOSURES_STAR_COLUMNS]
+    from .acquisition import metadata_star_columns
+
+    extra = metadata_star_columns(store, df["_exposure_id"].tolist()) or {}  # the microscope's metadata, if any
+    df = df[EXPOSURES_STAR_COLUMNS].assign(**extra)
     return write_star(out / "exposures.star", {"optics": optics_table(settings, n_groups=n_groups),
                                                "micrographs": df}, fast=True)
 
