@@ -219,8 +219,13 @@ def _run_session(title: str, out: Path, settings, run, thresholds=None) -> None:
         with Session(out, settings, progress=progress, thresholds=thresholds) as session:
             st = run(session)
             failures = [(e.name, e.error) for e in session.store.exposures("failed")]
+            from .session.acquisition import summary_lines
+
+            metadata_lines = summary_lines(session.store, settings)  # disagreements, optics groups
         progress.final(st)
     _summary(st, out, failures)
+    for line in metadata_lines:
+        typer.echo(line)
 
 
 def _check_device(settings) -> None:

@@ -11,7 +11,7 @@ import pytest
 from cryolive.config import OpticsGroupSettings
 from cryolive.io.metadata import read_epu_xml
 from cryolive.io.star import read_star
-from cryolive.session.acquisition import OPTICS_GROUPS_KEY, REPORT_KEY
+from cryolive.session.acquisition import OPTICS_GROUPS_KEY, REPORT_KEY, summary_lines
 from cryolive.session.session import Session
 
 EPU_XML = """<?xml version="1.0" encoding="utf-8"?>
@@ -78,11 +78,14 @@ def test_beam_shift_groups_are_written_and_never_renumbered(tmp_path, movie_writ
         s.process(movies)
         report = s.store.get_value(REPORT_KEY)
         state = s.store.get_value(OPTICS_GROUPS_KEY)
+        lines = summary_lines(s.store, settings)  # what the CLI prints after the run
     optics, groups = _groups(out)
     assert len(groups) == 27 and all(groups[m] == g for m, g in first.items())  # nothing renumbered
     assert optics["rlnOpticsGroup"].tolist() == list(range(1, 10))
     assert len({(g, truth[m]) for m, g in groups.items()}) == 9  # each group is one multi-shot position
     assert report["disagreements"]["pixel size"]["count"] == 27 and not state["pending"]
+    assert "disagrees with the command line on pixel size for 27 exposures (command line used)" in lines[0]
+    assert lines[-1] == "  9 optics groups from the beam shifts"
     parts = read_star(out / "particles.star")
     assert parts["optics"]["rlnOpticsGroup"].tolist() == list(range(1, 10))
     p = parts["particles"]

@@ -212,3 +212,23 @@ def metadata_star_columns(store, exposure_ids) -> dict[str, list] | None:
                 v = md.get(key)
                 cols[col].append(float(v) if v is not None else nan)
     return cols
+
+
+def summary_lines(store, settings: Settings) -> list[str]:
+    """What a run's summary says of the metadata: disagreements with the command line (per kind, with the first),
+    unreadable metadata, and the optics groups."""
+    report = store.get_value(REPORT_KEY) or {}
+    lines = []
+    for field, entry in sorted((report.get("disagreements") or {}).items()):
+        lines.append(f"  metadata disagrees with the command line on {field} for {entry['count']} exposures "
+                     f"(command line used), e.g. {entry['first']}")
+    errors = report.get("errors") or {}
+    if errors.get("count"):
+        lines.append(f"  metadata unreadable for {errors['count']} exposures, e.g. {errors['first']}")
+    if grouping_enabled(settings):
+        state = store.get_value(OPTICS_GROUPS_KEY) or {}
+        n = len(state.get("descriptions", {}))
+        waiting = len(state.get("pending", []))
+        lines.append(f"  {n} optics groups from the beam shifts"
+                     + (f", {waiting} exposures waiting" if waiting else ""))
+    return lines
