@@ -29,10 +29,11 @@ Fitting (:func:`estimate_local_motion`)
    that noise alone gives a small field), an optional curvature penalty across the control grid, and Huber weights
    re-estimated from the residuals (iteratively reweighted, so that a patch on a contaminant or a carbon edge
    does not pull the field). The local part of the field (its deviation from its area mean) is then multiplied by
-   a positive-part James–Stein factor ``κ = max(0, 1 − E₀/E)``: its energy ``E`` against the energy ``E₀`` the same
-   fit would give if the patch trajectories were noise around the global motion (noise level from the residuals,
-   correlated between overlapping patches as their squared windows overlap). Trajectories consistent with noise
-   give no local field; real deformation, far above the noise, is kept (κ ≈ 1).
+   a factor κ from its energy ``E`` against the energy ``E₀`` the same fit would give if the patch trajectories were
+   noise around the global motion (noise level from the residuals, correlated between overlapping patches as their
+   squared windows overlap): κ = 0 when ``E`` is within the 99 % range of noise alone (χ² with the noise's
+   effective degrees of freedom), else the Wiener gain ``1 − E₀/E``. Trajectories consistent with noise give no
+   local field; real deformation, far above the noise, is kept (κ ≈ 1).
 4. Steps 2–3 repeat until the model moves by less than 0.02 px anywhere, or ``max_iterations``; the first
    round searches the correlation maps (integer peak, parabolic offset), later rounds only refine the previous
    peaks by Newton steps.
@@ -257,16 +258,18 @@ def _fit_model(meas: torch.Tensor, bt: torch.Tensor, m_space: torch.Tensor, cont
 
 def _local_shrinkage(a: torch.Tensor, aw: torch.Tensor, lhs: torch.Tensor, x: torch.Tensor, res: torch.Tensor,
                      bt: torch.Tensor, m_space: torch.Tensor, area_weights: torch.Tensor,
-                     noise_corr: torch.Tensor | None) -> float:
-    """Positive-part James–Stein factor ``κ = max(0, 1 − E₀ / E)`` for the local part of a fitted field.
+                     noise_corr: torch.Tensor | None, level: float = 0.99) -> float:
+    """Shrinkage factor κ of the local part of a fitted field: 0 unless its energy is significantly above noise, then
+    the Wiener / James–Stein gain ``1 − E₀ / E``.
 
     ``E``: energy of the fitted field's deviation from its area mean over the patch windows,
     ``Σ_{t,p} |L_t(p) − L̄_t|²``; ``E₀``: its expectation if the patch trajectories were noise around the global
     motion, i.e. the same linear estimator ``x = lhs⁻¹ AᵀW y`` applied to noise of variance ``σ²`` (robust, from the
     residuals' median, corrected for the parameters fitted) correlated between overlapping patches as
-    ``noise_corr (p, p)`` (None: independent): ``E₀ = 2 σ² tr(P lhs⁻¹ AᵀW Σ W A lhs⁻¹ Pᵀ)``. The Wiener gain of a
-    field whose energy is ``E − E₀`` above the noise: κ ≈ 0 when the field is no larger than noise alone would make
-    it, ≈ 1 when it is far larger. All float64; a: ``(t·p, p + J·K)`` design, aw: a times the IRLS weights; bt
+    ``noise_corr (p, p)`` (None: independent): ``E₀ = 2 σ² tr(C)``, ``C = P lhs⁻¹ AᵀW Σ W A lhs⁻¹ Pᵀ``. Under noise
+    alone ``E / E₀`` is distributed about as ``χ²_d / d``, ``d = 2 tr(C)² / tr(C²)``; a field whose energy stays
+    below that distribution's ``level`` quantile is consistent with noise (κ = 0); above it, κ is the Wiener gain of
+    a field whose energy is ``E − E₀`` above the noise (≈ 1 when it is far larger). All float64; a: ``(t·p, p + J·K)`` design, aw: a times the IRLS weights; bt
     ``(t, J)``, m_space ``(p, K)``, area_weights ``(K,)`` as in :func:`_fit_model`.
     """
     t, J = bt.shape
@@ -279,11 +282,22 @@ def _local_shrinkage(a: torch.Tensor, aw: torch.Tensor, lhs: torch.Tensor, x: to
     corr_aw = aw if noise_corr is None else torch.einsum(
         "pq,tqn->tpn", noise_corr.to(a.dtype), aw.reshape(t, p, -1)).reshape(n, -1)
     gain = proj @ inv  # (t·p, n_cols)
-    trace = float(((gain @ (aw.T @ corr_aw)) * gain).sum())
+    cov_x = aw.T @ corr_aw  # AᵀW Σ W A
+    mix = cov_x @ (gain.T @ gain)  # tr(mix) = tr(C), tr(mix²) = tr(C²), C the deviation's noise covariance / σ²
+    trace = float(torch.trace(mix))
     n_par = float(torch.trace(inv @ (aw.T @ a)))  # effective number of parameters fitted
     sigma2 = float(res.median() / 1.1774) ** 2 * n / max(n - n_par, 1.0)  # Rayleigh median of |r| = 1.1774 σ
     e0 = 2 * sigma2 * trace
-    return max(0.0, 1.0 - e0 / energy) if energy > 0 else 0.0
+    if not energy > 0 or not e0 > 0:
+        return 0.0 if not energy > 0 else 1.0
+    # under noise alone E / E₀ ~ χ²_d / d with d = 2 (tr C)² / tr(C²) (Satterthwaite; two components): below its
+    # upper `level` quantile (Wilson–Hilferty) the field is no larger than noise would make it
+    d = 2 * trace**2 / max(float(torch.trace(mix @ mix)), 1e-300)
+    z = {0.95: 1.645, 0.99: 2.326, 0.999: 3.090}[level]
+    q = (1 - 2 / (9 * d) + z * math.sqrt(2 / (9 * d))) ** 3
+    if energy < q * e0:
+        return 0.0
+    return 1.0 - e0 / energy
 
 
 def _parabolic_offset(cc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
