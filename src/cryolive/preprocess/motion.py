@@ -512,11 +512,12 @@ def _correct_defects_(frames: torch.Tensor, mask: torch.Tensor, radius_px: int =
 
 
 def _sparse_crop_rfft(change: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, shape: tuple[int, int],
-                      hc: int, wc: int) -> torch.Tensor:
+                      hc: int, wc: int, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`_crop_rfft` of ``rfft2`` of images ``(t, h, w)`` that are zero except ``change (t, n)`` at pixels
     ``(yy, xx)``, computed directly: ``Σ_p change_tp e^{-2πi(ky·y_p + kx·x_p)}`` is separable, so pixels sharing
     a row (or column) are first combined along x (or y), then one matrix product per frame does the other axis.
-    Phases are exact (integer products reduced modulo the frame size). Returns ``(t, hc, wc//2+1)`` complex64."""
+    Phases are exact (integer products reduced modulo the frame size). Returns ``(t, hc, wc//2+1)`` complex64, or
+    adds it to ``add_to`` (same shape) in place, chunk by chunk, and returns that."""
     h, w = shape
     dev = change.device
     t = change.shape[0]
@@ -528,7 +529,7 @@ def _sparse_crop_rfft(change: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, 
         return torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
 
     val = change.to(torch.complex64)
-    out = torch.empty(t, hc, wc // 2 + 1, dtype=torch.complex64, device=dev)
+    out = torch.empty(t, hc, wc // 2 + 1, dtype=torch.complex64, device=dev) if add_to is None else add_to
     rows, r_idx = torch.unique(yy, return_inverse=True)
     cols, c_idx = torch.unique(xx, return_inverse=True)
     n = yy.numel()
@@ -540,7 +541,10 @@ def _sparse_crop_rfft(change: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, 
             part = val[i : i + ck, :, None] * ex  # (c, n, wc')
             g = torch.zeros(part.shape[0], rows.numel(), wc // 2 + 1, dtype=torch.complex64, device=dev)
             g.index_add_(1, r_idx, part)  # pixels of one row combined, (c, |R|, wc')
-            out[i : i + ck] = ey @ g
+            if add_to is None:
+                out[i : i + ck] = ey @ g
+            else:
+                out[i : i + ck] += ey @ g
     else:
         ey = phase(iy, yy, h)  # (hc, n)
         ex = phase(cols, ix, w)  # (|C|, wc')
@@ -549,7 +553,10 @@ def _sparse_crop_rfft(change: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, 
             part = val[i : i + ck, None, :] * ey  # (c, hc, n)
             g = torch.zeros(part.shape[0], hc, cols.numel(), dtype=torch.complex64, device=dev)
             g.index_add_(2, c_idx, part)  # pixels of one column combined, (c, hc, |C|)
-            out[i : i + ck] = g @ ex
+            if add_to is None:
+                out[i : i + ck] = g @ ex
+            else:
+                out[i : i + ck] += g @ ex
     return out
 
 
@@ -582,7 +589,7 @@ def _update_spectra_for_defects(frames: torch.Tensor, mask: torch.Tensor, small:
     sparse_flops = 8.0 * hc * (wc // 2 + 1) * m  # per frame: one complex matrix product over m rows/columns
     fft_flops = 2.5 * h * w * math.log2(h * w)  # per frame: a real 2D FFT
     if sparse_flops <= _SPARSE_DFT_ADVANTAGE * fft_flops:
-        small += _sparse_crop_rfft(change, yy, xx, (h, w), hc, wc)
+        _sparse_crop_rfft(change, yy, xx, (h, w), hc, wc, add_to=small)
         return
     for i in range(0, t, chunk):
         ft = torch.fft.rfft2(frames[i : i + chunk])
