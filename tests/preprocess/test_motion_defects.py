@@ -102,8 +102,8 @@ def test_a_hint_of_the_defects_changes_only_the_work(movie_with_hot_pixels, monk
         given = mask.clone()
     updates = []
     real = motion._sparse_crop_rfft
-    monkeypatch.setattr(motion, "_sparse_crop_rfft", lambda change, yy, *a: updates.append(len(yy)) or
-                        real(change, yy, *a))
+    monkeypatch.setattr(motion, "_sparse_crop_rfft", lambda change, yy, *a, **k: updates.append(len(yy)) or
+                        real(change, yy, *a, **k))
     defects = (lambda f: torch.zeros(f.shape, dtype=torch.bool)) if hint == "none-found" else detect_hot_pixels
     got = align_movie(GainCorrectedMovie(open_movie(path), gain), *args, defects=defects, defects_hint=given)
     if hint == "none-found":  # the hinted pixels are put back as decoded: as aligning without any correction
