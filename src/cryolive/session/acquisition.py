@@ -17,6 +17,7 @@ they have one (at the latest at the end of the run); :func:`optics_group_assignm
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -183,6 +184,9 @@ METADATA_STAR_COLUMNS = {
 }
 
 
+_METADATA_CACHE: dict[tuple, dict] = {}  # (store path, inode) → {"rowid": last row read, "by_id": id → metadata}
+
+
 def metadata_star_columns(store, exposure_ids) -> dict[str, list] | None:
     """exposures.star columns of the metadata of ``exposure_ids`` (in that order), or None when none has any.
 
@@ -191,11 +195,16 @@ def metadata_star_columns(store, exposure_ids) -> dict[str, list] | None:
     ``cryoliveTargetDefocusAngstrom`` (positive underfocus), ``cryoliveMetadataStageTiltDeg`` (the stage's alpha,
     not the tilt fitted from the CTF), ``cryoliveExposureTimeSeconds``, ``cryoliveMetadataTotalDose`` (e/Å²);
     NaN where unknown."""
-    by_id = {}
-    for r in store.stage_results(STAGE):
-        md = r["metrics"].get("metadata")
-        if md:
-            by_id[int(r["exposure_id"])] = md
+    try:  # a store deleted and made again at the same path is another file
+        key = (str(store.path), os.stat(store.path).st_ino)
+    except OSError:
+        key = (str(store.path), None)
+    cache = _METADATA_CACHE.setdefault(key, {"rowid": 0, "by_id": {}})
+    for rowid, eid, metrics in store.stage_metrics_after(STAGE, cache["rowid"]):  # only what is new since last time
+        cache["rowid"] = rowid
+        if metrics.get("metadata"):
+            cache["by_id"][eid] = metrics["metadata"]
+    by_id = cache["by_id"]
     if not by_id:
         return None
     nan = float("nan")

@@ -275,6 +275,14 @@ class SessionStore:
         return [{"exposure_id": r["exposure_id"], "stage": r["stage"], "settings_hash": r["settings_hash"],
                  "metrics": json.loads(r["metrics"]), "outputs": json.loads(r["outputs"])} for r in rows]
 
+    def stage_metrics_after(self, stage: str, after_rowid: int = 0) -> list[tuple[int, int, dict]]:
+        """``(rowid, exposure id, metrics)`` of one stage's results recorded after ``after_rowid``, in rowid order
+        (for readers that keep what they have already parsed)."""
+        with self._lock:
+            rows = self._db.execute("SELECT rowid, exposure_id, metrics FROM stage_results WHERE stage=? AND rowid>? "
+                                    "ORDER BY rowid", (stage, int(after_rowid))).fetchall()
+        return [(int(r[0]), int(r[1]), json.loads(r[2])) for r in rows]
+
     def count_stage_results(self, exposure_id: int | None = None, stage: str | None = None) -> int:
         q, args = "SELECT COUNT(*) FROM stage_results WHERE 1=1", []
         if exposure_id is not None:
