@@ -407,7 +407,8 @@ def read_fei_metadata(path: str | os.PathLike) -> MovieMetadata | None:
 def find_metadata(movie_path: str | os.PathLike) -> MovieMetadata | None:
     """The acquisition metadata of a movie, if any: ``<movie>.mdoc``, or EPU's ``<stem>.xml`` (without
     ``_fractions``/``_EER``), and for MRC movies the FEI1/FEI2 extended header, which fills what the file beside
-    it leaves unsaid (source ``"epu+fei"``). Returns the parsed metadata or None.
+    it leaves unsaid (source ``"epu+fei"``); grid square and foil hole from EPU's names in the movie's path when
+    the metadata has none. Returns the parsed metadata or None.
 
     A file beside the movie that cannot be parsed raises :class:`MetadataError`; an unreadable FEI extended
     header only warns (``RuntimeWarning``) and is ignored.
@@ -430,10 +431,15 @@ def find_metadata(movie_path: str | os.PathLike) -> MovieMetadata | None:
         except MetadataError as exc:
             warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
     if primary is None or fei is None:
-        return primary or fei
-    gaps = {k: v for k, v in fei.model_dump().items()
-            if k not in ("source", "movie_name") and v is not None and getattr(primary, k) is None}
-    return primary.model_copy(update={**gaps, "source": f"{primary.source}+fei"})
+        md = primary or fei
+    else:
+        gaps = {k: v for k, v in fei.model_dump().items()
+                if k not in ("source", "movie_name") and v is not None and getattr(primary, k) is None}
+        md = primary.model_copy(update={**gaps, "source": f"{primary.source}+fei"})
+    if md is not None and (md.grid_square is None or md.foil_hole is None):  # EPU's names in the movie's path
+        square, hole = _names_from_path(p)
+        md = md.model_copy(update={"grid_square": md.grid_square or square, "foil_hole": md.foil_hole or hole})
+    return md
 
 
 # ------------------------------------------------------------------------------------------- reconcile
