@@ -36,7 +36,7 @@ class MotionSettings(BaseModel):
                                                   "bfactor_angstrom2)")
     patch_size_factor: float = Field(2.0, gt=0, description="patch side in grid cells (2: half-overlapping)")
     local_time_degree: int = Field(3, ge=1, description="polynomial degree in time of the local motion model")
-    local_prior_angstrom: float | None = Field(2.5, gt=0, description="expected RMS of the local field (Å): "
+    local_prior_angstrom: float | None = Field(2.0, gt=0, description="expected RMS of the local field (Å): "
                                                "weak prior on directions the patches barely constrain; a field "
                                                "no larger than noise is removed by the fit's noise test (None: none)")
     local_smoothness: float = Field(0.0, ge=0, description="curvature penalty on the local field across the control grid")
