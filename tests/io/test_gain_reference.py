@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from cryolive.io.movies import EerOptions, GainCorrectedMovie, MovieError, open_movie, read_gain
+from cryolive.io.movies import EerOptions, MovieError, open_movie, read_gain
+from cryolive.io.prepared import GainCorrectedMovie
 
 
 def _gain(shape=(32, 40), seed=0):

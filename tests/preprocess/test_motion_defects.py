@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cryolive.config import MotionSettings
-from cryolive.io.movies import GainCorrectedMovie, open_movie
+from cryolive.io.movies import open_movie
+from cryolive.io.prepared import GainCorrectedMovie
 from cryolive.preprocess import motion
 from cryolive.preprocess.motion import align_movie, correct_defects, detect_hot_pixels
 from cryolive.simulate.dataset import write_movie

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .movies import MRC_SUFFIXES, MovieError
+from .movies import MovieError, _sniff_image_format, read_image_2d
 
 #: keywords of a SerialEM defect list (CorDefParseDefects in IMOD/SerialEM reads these)
 SERIALEM_KEYWORDS = ("CameraSizeX", "CameraSizeY", "RotationAndFlip", "WasScaled", "K2Type", "FalconType",
@@ -74,41 +74,12 @@ def read_defect_map(path: str | os.PathLike, frame_shape: tuple[int, int]) -> np
 
 
 def _image_kind(path: Path) -> str | None:
-    """"tiff" (TIFF/BigTIFF byte-order mark), "mrc" (.mrc/.mrcs name, or "MAP " at byte 208) or None (text)."""
-    with open(path, "rb") as f:
-        head = f.read(1024)
-    if head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
-        return "tiff"
-    if path.name.lower().endswith(MRC_SUFFIXES) or (len(head) == 1024 and head[208:212] == b"MAP "):
-        return "mrc"
-    return None
+    """"tiff" (TIFF/BigTIFF byte-order mark), "mrc" (a sane MRC header) or None (text)."""
+    return _sniff_image_format(path)
 
 
 def _read_defect_image(path: Path, kind: str, shape: tuple[int, int]) -> np.ndarray:
-    try:
-        if kind == "mrc":
-            import warnings
-
-            import mrcfile
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with mrcfile.open(path, mode="r", permissive=True) as m:
-                    if m.data is None:
-                        raise MovieError(f"defect map {path.name}: MRC has no readable data (truncated?)")
-                    img = np.asarray(m.data)
-        else:
-            import tifffile
-
-            img = np.asarray(tifffile.imread(path, key=0))
-    except MovieError:
-        raise
-    except Exception as exc:
-        raise MovieError(f"defect map {path.name}: unreadable: {exc}") from exc
-    if img.ndim == 3 and img.shape[0] == 1:
-        img = img[0]
-    if img.ndim != 2:
-        raise MovieError(f"defect map {path.name}: expected one 2D image, got shape {img.shape}")
+    img = read_image_2d(path, "defect map", kind)
     if tuple(img.shape) != tuple(shape):
         raise MovieError(f"defect map {path.name}: shape {img.shape[0]}×{img.shape[1]} differs from the movie "
                          f"frames {shape[0]}×{shape[1]}")

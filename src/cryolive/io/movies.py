@@ -414,46 +414,6 @@ class EerMovie(Movie):
             raise MovieError(f"{self.path.name}: {exc}") from exc
 
 
-class GainCorrectedMovie(Movie):
-    """A movie whose frames come gain-corrected: ``read_frames`` (hence ``read_all`` and ``iter_chunks``, which
-    multiplies on its decoding thread) returns ``raw × gain``. Works for any :class:`Movie`, EER included.
-
-    ``movie``: the opened movie; ``gain``: float32 ``(h, w)`` multiplicative gain of the movie's frame shape
-    (:func:`read_gain`), not modified. Other attributes (``fraction_frames``, ``layout``...) are the movie's.
-    """
-
-    def __init__(self, movie: Movie, gain: np.ndarray):
-        gain = np.asarray(gain, dtype=np.float32)
-        if tuple(gain.shape) != tuple(movie.shape[1:]):
-            raise MovieError(f"{movie.path.name}: gain reference shape {_fmt_shape(gain.shape)} differs from the "
-                             f"movie frames {_fmt_shape(movie.shape[1:])}")
-        super().__init__(movie.path, movie.format, movie.shape, np.dtype(np.float32))
-        self.movie = movie
-        self.gain = gain
-
-    def __getattr__(self, name):  # only called for attributes not found here: those of the wrapped movie
-        if name == "movie":
-            raise AttributeError(name)
-        return getattr(self.movie, name)
-
-    @property
-    def threads(self) -> int | None:  # decoding threads: the wrapped movie's
-        return self.movie.threads
-
-    @threads.setter
-    def threads(self, value: int | None) -> None:
-        self.movie.threads = value
-
-    def read_frames(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Frames ``start..stop-1`` as float32 ``(n, h, w)``, multiplied by the gain."""
-        frames = self.movie.read_frames(start, stop)
-        frames *= self.gain[None]
-        return frames
-
-    def __repr__(self) -> str:
-        return f"GainCorrectedMovie({self.movie!r})"
-
-
 def _open_eer(path: Path, options: EerOptions | None, decode: bool = False) -> EerMovie:
     try:
         layout = _eer.EerLayout.read(path)
@@ -542,6 +502,39 @@ def _sniff_image_format(path: Path) -> str | None:
     return None
 
 
+def read_image_2d(path: Path, what: str, kind: str) -> np.ndarray:
+    """The first 2D image of an MRC (``kind="mrc"``) or TIFF (``"tiff"``) file as stored (dtype kept), ``(h, w)``.
+
+    ``what`` names the file in errors ("gain reference", "defect map"). Raises :class:`MovieError` when it is
+    unreadable, truncated or not a single 2D image.
+    """
+    try:
+        if kind == "mrc":
+            import warnings
+
+            import mrcfile
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with mrcfile.open(path, mode="r", permissive=True) as m:
+                    if m.data is None:
+                        raise MovieError(f"{what} {path.name}: MRC has no readable data (truncated?)")
+                    img = np.array(m.data)
+        else:
+            import tifffile
+
+            img = np.asarray(tifffile.imread(path, key=0))
+    except MovieError:
+        raise
+    except Exception as exc:
+        raise MovieError(f"{what} {path.name}: unreadable: {exc}") from exc
+    if img.ndim == 3 and img.shape[0] == 1:
+        img = img[0]
+    if img.ndim != 2:
+        raise MovieError(f"{what} {path.name}: expected one 2D image, got shape {img.shape}")
+    return img
+
+
 def read_gain(path: str | os.PathLike, flip_y: bool = False, rotate: int = 0,
               movie_shape: tuple[int, int] | None = None, zero_is_defect: bool | None = None) -> np.ndarray:
     """Read a multiplicative gain reference (``corrected = raw × gain``) from MRC or TIFF → float32 ``(h, w)``.
@@ -569,33 +562,10 @@ def read_gain(path: str | os.PathLike, flip_y: bool = False, rotate: int = 0,
         kind = _sniff_image_format(path)
     except OSError as exc:
         raise MovieError(f"gain reference {path.name}: unreadable: {exc}") from exc
-    try:
-        if kind == "mrc":
-            import warnings
-
-            import mrcfile
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with mrcfile.open(path, mode="r", permissive=True) as m:
-                    if m.data is None:
-                        raise MovieError(f"gain reference {path.name}: MRC has no readable data (truncated?)")
-                    gain = np.array(m.data, dtype=np.float32)
-        elif kind == "tiff":
-            import tifffile
-
-            gain = np.asarray(tifffile.imread(path, key=0), dtype=np.float32)
-        else:
-            raise MovieError(f"gain reference {path.name}: unknown format: neither TIFF (no II*/MM* byte-order "
-                             "mark) nor MRC (no valid header); expected an MRC or TIFF image (EPU's .gain is a TIFF)")
-    except MovieError:
-        raise
-    except Exception as exc:
-        raise MovieError(f"gain reference {path.name}: unreadable: {exc}") from exc
-    if gain.ndim == 3 and gain.shape[0] == 1:
-        gain = gain[0]
-    if gain.ndim != 2:
-        raise MovieError(f"gain reference {path.name}: expected one 2D image, got shape {gain.shape}")
+    if kind is None:
+        raise MovieError(f"gain reference {path.name}: unknown format: neither TIFF (no II*/MM* byte-order "
+                         "mark) nor MRC (no valid header); expected an MRC or TIFF image (EPU's .gain is a TIFF)")
+    gain = read_image_2d(path, "gain reference", kind).astype(np.float32, copy=False)
     if rotate % 90 != 0:
         raise MovieError(f"gain rotation must be a multiple of 90 degrees, got {rotate}")
     k = (int(rotate) // 90) % 4

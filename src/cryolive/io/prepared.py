@@ -36,7 +36,7 @@ class PreparedMovie(Movie):
     ``movie``: the opened movie (frames ``(t, h, w)``); ``gain``: float32 ``(h, w)`` multiplicative gain or
     None; ``defect_mask``: bool ``(h, w)`` or None; ``correct``: ``(frames torch (n, h, w), mask (h, w)) ->
     frames`` (required with a mask); ``bin_factor``: integer ≥ 1, ``h`` and ``w`` must give even sizes
-    ``h/b``, ``w/b``. ``shape`` is ``(t, h/b, w/b)``; other attributes are the wrapped movie's. Raises
+    ``h/b``, ``w/b`` (when ``b > 1``). ``shape`` is ``(t, h/b, w/b)``; other attributes are the wrapped movie's. Raises
     :class:`MovieError` (permanent) if the sizes do not fit.
     """
 
@@ -46,7 +46,7 @@ class PreparedMovie(Movie):
         b = int(bin_factor)
         if b < 1:
             raise MovieError(f"{movie.path.name}: binning factor must be an integer ≥ 1, got {bin_factor}")
-        if h % b or w % b or (h // b) % 2 or (w // b) % 2:
+        if b > 1 and (h % b or w % b or (h // b) % 2 or (w // b) % 2):
             raise MovieError(f"{movie.path.name}: frames of {h}×{w} cannot be binned by {b} to an even size")
         if gain is not None:
             gain = np.asarray(gain, dtype=np.float32)
@@ -108,3 +108,12 @@ class PreparedMovie(Movie):
     def __repr__(self) -> str:
         return (f"PreparedMovie({self.movie!r}, gain={self.gain is not None}, "
                 f"defects={0 if self.defect_mask is None else int(self.defect_mask.sum())}, bin={self.bin_factor})")
+
+
+class GainCorrectedMovie(PreparedMovie):
+    """The movie's frames multiplied by a gain reference as they are decoded (a :class:`PreparedMovie` with a
+    gain only): ``read_frames``/``read_all``/``iter_chunks`` give ``raw × gain`` float32, the multiplication done
+    in place on the decoding thread. ``gain``: float32 ``(h, w)`` of the movie's frame shape, not modified."""
+
+    def __init__(self, movie: Movie, gain: np.ndarray):
+        super().__init__(movie, gain=gain)

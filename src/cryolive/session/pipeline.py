@@ -333,7 +333,7 @@ def read_and_align_movie(movie, gain: np.ndarray | None, settings: Settings, dos
     """
     import torch
 
-    from ..io.movies import GainCorrectedMovie
+    from ..io.prepared import GainCorrectedMovie
 
     optics = settings.optics
     gain_defects = None
