@@ -441,12 +441,17 @@ def tile_power_spectrum(image: torch.Tensor, tile_px: int = 512) -> torch.Tensor
     return acc / tiles.shape[0]
 
 
-def _local_median_3x3(image: torch.Tensor) -> torch.Tensor:
-    """Median of the 3×3 neighbourhood (edges replicated) of ``image (h, w)``."""
+def _local_median_3x3(image: torch.Tensor, band_rows: int = 256) -> torch.Tensor:
+    """Median of the 3×3 neighbourhood (edges replicated) of ``image (h, w)``, in bands of ``band_rows`` rows so
+    that the 9-fold stack of neighbours stays small (about 9 × band_rows × w values at a time)."""
     padded = torch.nn.functional.pad(image[None, None], (1, 1, 1, 1), mode="replicate")[0, 0]
     h, w = image.shape
-    stack = torch.stack([padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], 0)
-    return stack.median(0).values
+    out = torch.empty_like(image)
+    for y0 in range(0, h, band_rows):
+        n = min(band_rows, h - y0)
+        stack = torch.stack([padded[y0 + dy : y0 + dy + n, dx : dx + w] for dy in range(3) for dx in range(3)], 0)
+        out[y0 : y0 + n] = stack.median(0).values
+    return out
 
 
 def detect_hot_pixels(frames_sum: torch.Tensor, n_sigma: float = 6.0) -> torch.Tensor:
