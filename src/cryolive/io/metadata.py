@@ -348,7 +348,11 @@ def read_fei_extended_header(path: str | os.PathLike) -> list[MovieMetadata]:
     found = _fei_blocks(path)
     if found is None:
         return []
-    blocks, _, _ = found
+    return _fei_sections(path, found[0])
+
+
+def _fei_sections(path: Path, blocks) -> list[MovieMetadata]:
+    """:func:`read_fei_extended_header` of the blocks ``_fei_blocks(path)`` already read."""
     valid = _fei_valid_bits(blocks.dtype)
     out = []
     for rec in blocks:
@@ -390,7 +394,7 @@ def read_fei_metadata(path: str | os.PathLike) -> MovieMetadata | None:
     if found is None:
         return None
     blocks, nz, _ = found
-    sections = read_fei_extended_header(path)
+    sections = _fei_sections(path, blocks)  # the header is read once
     valid = _fei_valid_bits(blocks.dtype)
     first = sections[0]
     update = {"n_frames": nz}
