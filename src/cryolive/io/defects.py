@@ -54,7 +54,7 @@ def read_defect_map(path: str | os.PathLike, frame_shape: tuple[int, int]) -> np
     if not path.is_file():
         raise MovieError(f"defect file {path}: no such file")
     try:
-        kind = _image_kind(path)
+        kind = _sniff_image_format(path)  # "tiff", "mrc" or None (text)
     except OSError as exc:
         raise MovieError(f"defect file {path.name}: unreadable: {exc}") from exc
     if kind is not None:
@@ -71,11 +71,6 @@ def read_defect_map(path: str | os.PathLike, frame_shape: tuple[int, int]) -> np
     if any(words[0] in SERIALEM_KEYWORDS for _, words in lines):
         return _serialem_mask(path.name, lines, (h, w))
     return _rectangles_mask(path.name, lines, (h, w))
-
-
-def _image_kind(path: Path) -> str | None:
-    """"tiff" (TIFF/BigTIFF byte-order mark), "mrc" (a sane MRC header) or None (text)."""
-    return _sniff_image_format(path)
 
 
 def _read_defect_image(path: Path, kind: str, shape: tuple[int, int]) -> np.ndarray:
