@@ -175,19 +175,26 @@ def output_paths(out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
     }
 
 
-def _cached_gain(path: str, flip_y: bool, movie_shape: tuple[int, int], rotate: int = 0) -> np.ndarray:
-    """The gain reference, read once per worker process (re-read if the file changes). Do not modify it.
-    ``rotate`` (counter-clockwise degrees) then ``flip_y``: ``Settings.gain_orientation``."""
+def _read_cached(cache: dict, path: str, params: tuple, read):
+    """``read()`` of the file ``path``, kept in ``cache`` for the next call with the same ``params`` (once per
+    worker process; read again if the file changes: size or mtime). Without the file, ``read()`` reports why."""
     try:
         st = os.stat(path)
     except OSError:
-        return read_gain(path, flip_y=flip_y, rotate=rotate, movie_shape=movie_shape)  # raises MovieError
-    key = (str(path), bool(flip_y), int(rotate), tuple(movie_shape), st.st_size, st.st_mtime_ns)
-    if _GAIN_CACHE.get("key") != key:
-        _GAIN_CACHE.clear()
-        _GAIN_CACHE["gain"] = read_gain(path, flip_y=flip_y, rotate=rotate, movie_shape=movie_shape)
-        _GAIN_CACHE["key"] = key
-    return _GAIN_CACHE["gain"]
+        return read()  # raises MovieError with the reason
+    key = (str(path), *params, st.st_size, st.st_mtime_ns)
+    if cache.get("key") != key:
+        cache.clear()
+        cache["value"] = read()
+        cache["key"] = key
+    return cache["value"]
+
+
+def _cached_gain(path: str, flip_y: bool, movie_shape: tuple[int, int], rotate: int = 0) -> np.ndarray:
+    """The gain reference, read once per worker process (re-read if the file changes). Do not modify it.
+    ``rotate`` (counter-clockwise degrees) then ``flip_y``: ``Settings.gain_orientation``."""
+    return _read_cached(_GAIN_CACHE, path, (bool(flip_y), int(rotate), tuple(movie_shape)),
+                        lambda: read_gain(path, flip_y=flip_y, rotate=rotate, movie_shape=movie_shape))
 
 
 _GAIN_CACHE: dict = {}
@@ -198,16 +205,7 @@ def _cached_defects(path: str, frame_shape: tuple[int, int]) -> np.ndarray:
     per worker process (again if the file changes). Do not modify it. Raises ``MovieError`` with the reason."""
     from ..io.defects import read_defect_map
 
-    try:
-        st = os.stat(path)
-    except OSError:
-        return read_defect_map(path, frame_shape)
-    key = (str(path), tuple(frame_shape), st.st_size, st.st_mtime_ns)
-    if _DEFECT_CACHE.get("key") != key:
-        _DEFECT_CACHE.clear()
-        _DEFECT_CACHE["mask"] = read_defect_map(path, frame_shape)
-        _DEFECT_CACHE["key"] = key
-    return _DEFECT_CACHE["mask"]
+    return _read_cached(_DEFECT_CACHE, path, (tuple(frame_shape),), lambda: read_defect_map(path, frame_shape))
 
 
 _DEFECT_CACHE: dict = {}
