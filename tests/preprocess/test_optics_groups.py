@@ -102,6 +102,16 @@ def test_more_positions_than_asked_for_get_their_own_group_with_a_warning():
     assert g.add("far", (0.5, 0.5)) == 5 and "more positions than the 4 expected" in g.warnings[-1]
 
 
+def test_runs_ending_with_one_lone_exposure_each_still_group_and_warn():
+    # each run (one movie each) ends with a single waiting exposure: no radius is ever learned, and the third
+    # beam-shift position, beyond the 2 expected, must get its own group with a warning, not an exception
+    g = OpticsGrouper(n_groups=2)
+    for i in range(3):
+        g.add(f"m{i}", (0.02 * i, 0.0))
+        g.finish()
+    assert g.radius is None and [g.group_of(f"m{i}") for i in range(3)] == [1, 2, 3]
+    assert "more positions than the 2 expected" in g.warnings[-1]
+
 def test_minimum_spanning_edges_are_single_linkage_heights():
     pts = np.array([[0, 0], [0, 1], [0, 3], [10, 3]], dtype=float)
     assert minimum_spanning_edges(pts).tolist() == [1.0, 2.0, 10.0]

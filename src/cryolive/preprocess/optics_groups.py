@@ -143,7 +143,8 @@ class OpticsGrouper:
             self._centres[best] = [0.0, 0.0, 0]
             n_beam = len(self._centres)
             if self.n_groups is not None and n_beam > self.n_groups:
-                msg = (f"beam shift ({x:.6g}, {y:.6g}) of {key} is farther than {self.radius:.3g} from the "
+                far = "no radius learned yet" if self.radius is None else f"farther than {self.radius:.3g}"
+                msg = (f"beam shift ({x:.6g}, {y:.6g}) of {key} is {far} from the "
                        f"{n_beam - 1} groups found: new optics group {best} (more positions than the "
                        f"{self.n_groups} expected)")
                 self.warnings.append(msg)
