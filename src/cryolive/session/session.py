@@ -296,8 +296,11 @@ class Session:
             if outcome.frame_shape and self.frame_shape is None:
                 self.store.set_value("frame_shape", list(outcome.frame_shape))
             self.store.mark_done(eid, outcome.n_particles)
-            self.acquisition.record(eid, exp.path, next((st.metrics.get("n_frames") for st in outcome.stages
-                                                         if st.stage == "motion"), None))
+            try:  # the metadata never stops a session (the exposure is done and its results kept)
+                self.acquisition.record(eid, exp.path, next((st.metrics.get("n_frames") for st in outcome.stages
+                                                             if st.stage == "motion"), None))
+            except Exception as exc:
+                log.warning("%s: acquisition metadata not recorded: %s: %s", exp.name, type(exc).__name__, exc)
             self._done_this_run += 1
             log.info("%s: done, %d particles (%.1f s)", outcome.name, outcome.n_particles, outcome.seconds)
             return
@@ -385,7 +388,10 @@ class Session:
         while self._in_flight:
             self.step(timeout=1.0)
         self.class2d.feed(final=True, end_of_run=True)
-        self.acquisition.finish()  # exposures still waiting for their optics group get it now
+        try:  # exposures still waiting for their optics group get it now
+            self.acquisition.finish()
+        except Exception as exc:  # the outputs below are still written
+            log.warning("optics groups not completed at the end of the run: %s: %s", type(exc).__name__, exc)
         self.write_outputs()
         self._report()
 
