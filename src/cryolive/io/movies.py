@@ -97,7 +97,7 @@ def _movie_kind(path: Path) -> str:
 
 # ----------------------------------------------------------------------------------------------- MRC
 def _mrc_header(path: Path):
-    """Header of an MRC file as (nx, ny, nz, dtype, extended header bytes); raise MovieError if unreadable."""
+    """Header of an MRC file as (nx, ny, nz, dtype, extended header bytes, mode); raise MovieError if unreadable."""
     import warnings
 
     import mrcfile
