@@ -332,6 +332,7 @@ def read_and_align_movie(movie, gain: np.ndarray | None, settings: Settings, dos
     import torch
 
     from ..io.prepared import GainCorrectedMovie
+    from ..preprocess.picking import _dilate  # (h, w) bool mask grown by a radius, px
 
     optics = settings.optics
     gain_defects = None
@@ -341,7 +342,7 @@ def read_and_align_movie(movie, gain: np.ndarray | None, settings: Settings, dos
     def defects(frames_sum):
         mask = fns.detect_hot_pixels(frames_sum)  # (h, w) bool
         if settings.movie_bin > 1:  # a super-resolution hot pixel rings after Fourier binning: take its neighbours
-            mask = _dilate_mask(mask)
+            mask = _dilate(mask, 1)  # 3×3
         return mask if gain_defects is None else mask | gain_defects.to(mask.device)
 
     if overlap:
@@ -366,13 +367,6 @@ def read_and_align_movie(movie, gain: np.ndarray | None, settings: Settings, dos
     motion = fns.align_movie(frames_t, settings.micrograph_pixel_size_angstrom, dose_per_frame, optics.voltage_kv,
                              settings.motion)
     return motion, hot, t_decode
-
-
-def _dilate_mask(mask):
-    """``mask (h, w)`` bool grown by one pixel in every direction (3×3)."""
-    import torch.nn.functional as F
-
-    return F.max_pool2d(mask[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
 
 
 def _tag(stage: str):
