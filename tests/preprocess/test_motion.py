@@ -150,19 +150,26 @@ def test_against_cryolive_simulate_movie_with_local_motion():
     assert err < 0.5, err
 
 
+def _write_lzw_tiff(frames, path):
+    """Counts of ``frames (t, h, w)`` as uint8, written as an LZW TIFF of one page per frame → (counts, path)."""
+    import numpy as np
+    import tifffile
+
+    counts = frames.numpy().round().clip(0, 255).astype(np.uint8)
+    with tifffile.TiffWriter(path) as tw:
+        for f in counts:
+            tw.write(f, compression="lzw", contiguous=False)
+    return counts, path
+
+
 def test_threaded_tiff_decoding_returns_the_pages_in_order(tmp_path):
     """LZW TIFF pages decoded on several threads equal the counts written, page for page, for any frame range."""
     import numpy as np
-    import tifffile
 
     from cryolive.io.movies import open_movie
 
     frames, _ = simulate_movie(shape=(192, 160), n_frames=9, seed=11)
-    counts = frames.numpy().round().clip(0, 255).astype(np.uint8)
-    path = tmp_path / "movie.tif"
-    with tifffile.TiffWriter(path) as tw:
-        for f in counts:
-            tw.write(f, compression="lzw", contiguous=False)
+    counts, path = _write_lzw_tiff(frames, tmp_path / "movie.tif")
     movie = open_movie(path)
     for threads in (1, 3, 16):
         movie.threads = threads
@@ -174,16 +181,11 @@ def test_align_movie_from_an_opened_tiff_equals_aligning_the_decoded_frames(tmp_
     """Passing the opened movie (decoded ahead on threads, overlapped with the first pass) gives the same
     trajectory and sums as aligning the frames read beforehand, and recovers the drift."""
     import numpy as np
-    import tifffile
 
     from cryolive.io.movies import open_movie
 
     frames, truth = simulate_movie(shape=(512, 448), n_frames=12, seed=12, dose_per_frame=2.0)
-    counts = frames.numpy().round().clip(0, 255).astype(np.uint8)
-    path = tmp_path / "movie.tif"
-    with tifffile.TiffWriter(path) as tw:
-        for f in counts:
-            tw.write(f, compression="lzw", contiguous=False)
+    counts, path = _write_lzw_tiff(frames, tmp_path / "movie.tif")
     movie = open_movie(path)
     movie.threads = 2
     st = MotionSettings(patch_grid=(1, 1))
